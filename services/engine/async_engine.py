@@ -1,0 +1,148 @@
+"""An engine driven by a background thread, for asyncio servers (router in-process mode, workers).
+
+The engine is not thread-safe, so every mutation happens on the engine thread: callers enqueue
+commands (add / abort / run-in-thread) and receive outputs on per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from glmserve.engine.engine import LLMEngine
+from glmserve.engine.outputs import EngineOutput
+from glmserve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    done: "asyncio.Future"
+    loop: asyncio.AbstractEventLoop
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.step_hooks: list[Callable[[LLMEngine, list[EngineOutput]], None]] = []
+        self.dead: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._commands.put(None)
+        self._thread.join(timeout=10)
+
+    # -- API for asyncio callers ---------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       eos_token_ids: frozenset[int] | None = None) -> AsyncIterator[EngineOutput]:
+        """Stream outputs; leaving the iterator early (cancel, break, aclose) aborts the request."""
+        if self.dead is not None:
+            raise EngineError(f"engine stopped: {self.dead!r}")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._commands.put(_Add(request_id, prompt_token_ids, params, eos_token_ids))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], object]):
+        """Run fn(engine) on the engine thread (stats, direct cache access) and await its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._commands.put(_Call(fn, fut, loop))
+        return await fut
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # -- engine thread -------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _handle(self, cmd) -> None:
+        if isinstance(cmd, _Add):
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.eos_token_ids)
+            except Exception as exc:  # refused: tell only that request
+                self._deliver(cmd.request_id, exc)
+        elif isinstance(cmd, _Abort):
+            self.engine.abort(cmd.request_id)
+        elif isinstance(cmd, _Call):
+            try:
+                result = cmd.fn(self.engine)
+                cmd.loop.call_soon_threadsafe(_resolve, cmd.done, result, None)
+            except Exception as exc:
+                cmd.loop.call_soon_threadsafe(_resolve, cmd.done, None, exc)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                block = not self.engine.has_unfinished()
+                try:
+                    cmd = self._commands.get(block=block, timeout=0.1 if block else None)
+                    while cmd is not None:
+                        self._handle(cmd)
+                        cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    for hook in self.step_hooks:
+                        hook(self.engine, outputs)
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
+        except BaseException as exc:  # a dead engine must not leave clients hanging
+            self.dead = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineError(f"engine failed: {exc!r}"))
+            raise
+
+
+def _resolve(fut: asyncio.Future, result, exc) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,144 @@
+"""The engine: a model, its paged KV cache, a scheduler and a sampler, advanced one step at a time.
+
+It speaks token ids only. Text (tokenizing, detokenizing, stop strings) belongs to the callers: the
+offline `LLM` and the router.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from glmserve.engine.attention import registry as attention_registry
+from glmserve.engine.block_pool import BlockPool
+from glmserve.engine.config import EngineConfig, ModelConfig
+from glmserve.engine.loader import LoadedModel, load_model
+from glmserve.engine.model_runner import ModelRunner
+from glmserve.engine.outputs import EngineOutput
+from glmserve.engine.request import FinishReason, Request
+from glmserve.engine.sampler import Sampler, SamplingRow
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.scheduler import Scheduler
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (too long, bad token ids, duplicate id)."""
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None):
+        self.cfg = cfg
+        if loaded is None:
+            device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                  ("cpu" if cfg.device == "auto" else cfg.device))
+            backend = attention_registry.create(cfg.prefill_attention_backend, device)
+            loaded = load_model(cfg.model, dtype=cfg.dtype, device=str(device), load_format=cfg.load_format,
+                                backend=backend, show_progress=cfg.show_progress)
+        self.loaded = loaded
+        self.model_config: ModelConfig = loaded.config
+        self.device = torch.device(loaded.device)
+        self.runner = ModelRunner(loaded.model, loaded.config, loaded.model.backend, cfg.cache,
+                                  loaded.dtype, self.device)
+        self.pool = BlockPool(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg.scheduler, self.pool)
+        self.sampler = Sampler()
+        limit = cfg.scheduler.max_model_len or loaded.config.max_position_embeddings
+        self.max_model_len = min(limit, loaded.config.max_position_embeddings)
+        self.requests: dict[str, Request] = {}
+        self.default_eos = frozenset(loaded.config.eos_token_ids)
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    eos_token_ids: frozenset[int] | None = None) -> Request:
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this model's context is "
+                               f"{self.max_model_len} tokens including the output")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        req = Request(request_id, list(prompt_token_ids), params,
+                      eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
+                      max_model_len=self.max_model_len)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        plan = self.scheduler.schedule()
+        outputs = [self._finished_output(r, []) for r in plan.rejected]
+        for r in plan.rejected:
+            self.requests.pop(r.request_id, None)
+        if plan.is_empty():
+            return outputs
+        result = self.runner.execute(plan.chunks)
+        for chunk in plan.chunks:
+            self.scheduler.advance(chunk)
+        rows = [self._sampling_row(c.request) for c in result.sample_chunks]
+        sampled = self.sampler(result.logits, rows) if rows else []
+        for chunk, token in zip(result.sample_chunks, sampled):
+            req = chunk.request
+            req.append_token(token)
+            req.check_stop()
+            new_logprobs = [token] if req.params.logprobs is not None else []
+            if req.is_finished:
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+                outputs.append(self._finished_output(req, [token.token_id], new_logprobs))
+            else:
+                outputs.append(EngineOutput(req.request_id, [token.token_id], new_logprobs,
+                                            num_prompt_tokens=len(req.prompt_token_ids),
+                                            num_cached_tokens=max(req.num_cached_tokens, 0)))
+        return outputs
+
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        eos = frozenset() if req.params.ignore_eos else req.eos_token_ids
+        return SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids, req.generator, eos)
+
+    @staticmethod
+    def _finished_output(req: Request, new_ids: list[int], new_logprobs=()) -> EngineOutput:
+        return EngineOutput(req.request_id, new_ids, list(new_logprobs), finished=True,
+                            finish_reason=req.finish_reason.value if req.finish_reason else None,
+                            stop_reason=req.stop_reason, num_prompt_tokens=len(req.prompt_token_ids),
+                            num_cached_tokens=max(req.num_cached_tokens, 0))
+
+    # -- introspection (metrics, load reports) -----------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        pool = self.pool
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_queued_tokens": self.scheduler.queued_prompt_tokens(),
+            "kv_cache_usage_perc": pool.usage,
+            "free_blocks": pool.num_free,
+            "total_blocks": pool.num_blocks,
+            "prefix_cache_queries": pool.prefix_queries,
+            "prefix_cache_hits": pool.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+    def run_until_done(self, deadline_s: float | None = None) -> list[EngineOutput]:
+        """Step until idle (tests, offline use)."""
+        start = time.monotonic()
+        out: list[EngineOutput] = []
+        while self.has_unfinished():
+            out += self.step()
+            if deadline_s is not None and time.monotonic() - start > deadline_s:
+                raise TimeoutError("engine did not finish in time")
+        return out

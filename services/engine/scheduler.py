@@ -1,0 +1,183 @@
+"""Continuous batching under a token budget, chunked prefill, prefix reuse and preemption.
+
+Every step serves running requests first (one token each for decoding ones, the next chunk for ones
+still prefilling), then admits waiting ones while budget, sequence slots and KV blocks last. When a
+running request cannot get a block, the most recently admitted running request is preempted: its
+blocks are released (their prefix-cache hashes survive) and it is recomputed later. Nothing crashes
+for lack of memory; a request that cannot fit even alone is finished with an error reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from glmserve.engine.block_pool import BlockPool
+from glmserve.engine.config import SchedulerConfig
+from glmserve.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this chunk every token of the request is computed, so a next token is sampled."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens >= r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    # Requests that can never fit in the cache (finished with LENGTH/abort by the scheduler).
+    rejected: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, pool: BlockPool):
+        self.cfg = cfg
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- queue management ---------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: FinishReason | None = None) -> None:
+        """Release a request's blocks and drop it from the queues (abort, or after a stop)."""
+        if reason is not None and not req.is_finished:
+            req.finish(reason)
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self._release(req)
+
+    def _release(self, req: Request) -> None:
+        if req.block_ids:
+            self.pool.free(req.block_ids)
+            req.block_ids = []
+
+    def queued_prompt_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _blocks_needed(self, req: Request, num_new: int) -> int:
+        total = -(-(req.num_computed_tokens + num_new) // self.block_size)
+        return max(0, total - len(req.block_ids))
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        self._release(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.cfg.max_num_batched_tokens
+        chunk_cap = self.cfg.chunked_prefill_size
+        scheduled: set[str] = set()
+
+        # 1. Running requests, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, chunk_cap, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            need = self._blocks_needed(req, num_new)
+            while need > self.pool.num_free:
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # req preempted itself: everything after it is gone too
+            if need:
+                req.block_ids += self.pool.allocate(need)
+            out.chunks.append(ScheduledChunk(req, num_new))
+            scheduled.add(req.request_id)
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, FIFO; none while this step had to preempt (memory is tight).
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not out.preempted:
+            req = self.waiting[0]
+            if not self._fits_ever(req):
+                self.waiting.popleft()
+                req.finish(FinishReason.LENGTH)
+                out.rejected.append(req)
+                continue
+            hits = self._reuse_prefix(req)
+            num_new = min(req.num_tokens - req.num_computed_tokens, chunk_cap, budget)
+            need = self._blocks_needed(req, num_new)
+            if need > self.pool.num_free:
+                if hits:  # give the prefix back; try again next step
+                    self.pool.free(req.block_ids)
+                    req.block_ids = []
+                    req.num_computed_tokens = 0
+                break
+            if need:
+                req.block_ids += self.pool.allocate(need)
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, num_new))
+            budget -= num_new
+        return out
+
+    def _fits_ever(self, req: Request) -> bool:
+        """A request whose prompt alone exceeds the whole cache can never run."""
+        return -(-(req.num_tokens + 1) // self.block_size) <= self.pool.num_blocks
+
+    def _reuse_prefix(self, req: Request) -> int:
+        """Attach cached blocks for the request's prefix; at least one token is always recomputed."""
+        if req.num_computed_tokens or req.block_ids:
+            return 0
+        hashes = req.block_hashes(self.block_size)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits = self.pool.match_prefix(hashes, max_blocks)
+        req.block_ids = hits
+        req.num_computed_tokens = len(hits) * self.block_size
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = req.num_computed_tokens
+            self.pool.record_lookup(req.num_tokens, req.num_computed_tokens)
+        return len(hits)
+
+    # -- after the forward pass ---------------------------------------------------------------
+    def advance(self, chunk: ScheduledChunk) -> None:
+        """Mark the chunk's tokens computed and publish the request's newly full blocks."""
+        req = chunk.request
+        req.num_computed_tokens += chunk.num_new_tokens
+        n_full = req.num_computed_tokens // self.block_size
+        if n_full:
+            hashes = req.block_hashes(self.block_size)[:n_full]
+            self.pool.register_full_blocks(req.block_ids[:n_full], hashes)

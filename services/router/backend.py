@@ -1,0 +1,88 @@
+"""Where the router's requests are computed: an in-process engine, or the disaggregated workers.
+
+Both give the same async stream of token deltas, so the HTTP layer does not know which it talks to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+
+@dataclass
+class TokenDelta:
+    token_ids: list[int]
+    logprobs: list[SampledToken] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class BackendError(RuntimeError):
+    """A request failed on the workers. `retriable` errors map to HTTP 503, the others to 500/400."""
+
+    def __init__(self, message: str, retriable: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.retriable = retriable
+        self.status = status or (503 if retriable else 500)
+
+
+class GenerationBackend(ABC):
+    @abstractmethod
+    def model_info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: frozenset[int] | None = None) -> AsyncIterator[TokenDelta]:
+        """Stream a request's tokens. Closing the stream early cancels the request everywhere."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def healthy(self) -> bool:
+        return True
+
+
+class InProcessBackend(GenerationBackend):
+    """One engine in the router's process (single-process serving, and the baseline in benchmarks)."""
+
+    def __init__(self, async_engine):
+        self.async_engine = async_engine
+        eng = async_engine.engine
+        self._info = ModelInfo(eng.max_model_len, eng.model_config.vocab_size, eng.default_eos)
+
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    async def start(self) -> None:
+        self.async_engine.start()
+
+    async def stop(self) -> None:
+        self.async_engine.stop()
+
+    def healthy(self) -> bool:
+        return self.async_engine.dead is None
+
+    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None):
+        from glmserve.engine.engine import RequestError
+
+        try:
+            async for out in self.async_engine.generate(request_id, prompt_token_ids, params, eos_token_ids):
+                yield TokenDelta(out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason,
+                                 out.stop_reason, out.num_prompt_tokens, out.num_cached_tokens)
+        except RequestError as exc:
+            raise BackendError(str(exc), status=400) from exc
