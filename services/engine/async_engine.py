@@ -26,6 +26,12 @@ class _Add:
 
 
 @dataclass
+class _AddPrefilled:
+    request_id: str
+    kwargs: dict
+
+
+@dataclass
 class _Abort:
     request_id: str
 
@@ -65,9 +71,19 @@ class AsyncEngine:
         """Stream outputs; leaving the iterator early (cancel, break, aclose) aborts the request."""
         if self.dead is not None:
             raise EngineError(f"engine stopped: {self.dead!r}")
+        async for out in self._stream(request_id, _Add(request_id, prompt_token_ids, params, eos_token_ids)):
+            yield out
+
+    async def generate_prefilled(self, request_id: str, **kwargs) -> AsyncIterator[EngineOutput]:
+        """Stream a request whose prompt KV is already in its blocks (LLMEngine.add_prefilled_request).
+        The first output repeats the first token, which was sampled by the prefill worker."""
+        async for out in self._stream(request_id, _AddPrefilled(request_id, kwargs)):
+            yield out
+
+    async def _stream(self, request_id: str, command) -> AsyncIterator[EngineOutput]:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
-        self._commands.put(_Add(request_id, prompt_token_ids, params, eos_token_ids))
+        self._commands.put(command)
         finished = False
         try:
             while True:
@@ -105,6 +121,17 @@ class AsyncEngine:
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.eos_token_ids)
             except Exception as exc:  # refused: tell only that request
+                self._deliver(cmd.request_id, exc)
+        elif isinstance(cmd, _AddPrefilled):
+            try:
+                req = self.engine.add_prefilled_request(cmd.request_id, **cmd.kwargs)
+                first = req.output_token_ids[:1]
+                self._deliver(cmd.request_id, EngineOutput(
+                    cmd.request_id, first, req.output_logprobs[:1], finished=req.is_finished,
+                    finish_reason=req.finish_reason.value if req.finish_reason else None,
+                    stop_reason=req.stop_reason, num_prompt_tokens=len(req.prompt_token_ids),
+                    num_cached_tokens=max(req.num_cached_tokens, 0)))
+            except Exception as exc:
                 self._deliver(cmd.request_id, exc)
         elif isinstance(cmd, _Abort):
             self.engine.abort(cmd.request_id)

@@ -17,7 +17,7 @@ from glmserve.engine.loader import LoadedModel, load_model
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.request import FinishReason, Request
-from glmserve.engine.sampler import Sampler, SamplingRow
+from glmserve.engine.sampler import SampledToken, Sampler, SamplingRow
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
 
@@ -47,6 +47,9 @@ class LLMEngine:
         self.max_model_len = min(limit, loaded.config.max_position_embeddings)
         self.requests: dict[str, Request] = {}
         self.default_eos = frozenset(loaded.config.eos_token_ids)
+        # Optional observer of each forward pass (the prefill worker streams KV out from it):
+        # `before_forward(chunks) -> on_layer_done callable or None`, `after_forward(chunks)`.
+        self.step_observer = None
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -69,6 +72,33 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
+    def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                              block_ids: list[int], first_token: SampledToken, num_cached_tokens: int = 0,
+                              eos_token_ids: frozenset[int] | None = None) -> Request:
+        """Admit a request whose prompt KV is already in `block_ids` (sent by a prefill worker) and whose
+        first token was sampled there: it joins the running batch directly, decoding from token 2."""
+        req = Request(request_id, list(prompt_token_ids), params,
+                      eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
+                      max_model_len=self.max_model_len, block_ids=list(block_ids),
+                      num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens)
+        self.requests[request_id] = req
+        req.append_token(first_token)
+        req.check_stop()
+        if not req.is_finished:
+            self.scheduler.admit_running(req)
+        else:
+            self.scheduler.finish(req)
+            self.requests.pop(request_id, None)
+        return req
+
+    def allocate_blocks(self, num_tokens: int) -> list[int] | None:
+        """Blocks for a prompt of num_tokens about to arrive over the KV link; None when they do not fit."""
+        n = -(-num_tokens // self.pool.block_size)
+        return self.pool.allocate(n) if n <= self.pool.num_free else None
+
+    def free_blocks(self, block_ids: list[int]) -> None:
+        self.pool.free(block_ids)
+
     def abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
         if req is None:
@@ -87,7 +117,11 @@ class LLMEngine:
             self.requests.pop(r.request_id, None)
         if plan.is_empty():
             return outputs
-        result = self.runner.execute(plan.chunks)
+        observer = self.step_observer
+        on_layer_done = observer.before_forward(plan.chunks) if observer is not None else None
+        result = self.runner.execute(plan.chunks, on_layer_done)
+        if observer is not None:
+            observer.after_forward(plan.chunks)
         for chunk in plan.chunks:
             self.scheduler.advance(chunk)
         rows = [self._sampling_row(c.request) for c in result.sample_chunks]

@@ -58,6 +58,12 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def admit_running(self, req: Request) -> None:
+        """A request whose KV is already computed (by a prefill worker) joins the running batch."""
+        req.status = RequestStatus.RUNNING
+        req.first_scheduled_time = time.monotonic()
+        self.running.append(req)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -1,0 +1,20 @@
+"""Router configuration, built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str  # model directory (tokenizer, chat template, generation_config)
+    served_model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tool_call_parser: str | None = None  # glm45 | glm47
+    reasoning_parser: str | None = None  # glm45
+    request_timeout: float | None = 600.0
+    routing_policy: str = "prefix-affinity"  # prefix-affinity | least-loaded | round-robin
+    health_interval: float = 1.0
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()

@@ -1,0 +1,89 @@
+"""LightLLM's native endpoints: POST /generate and POST /generate_stream.
+
+Body `{"inputs": str, "parameters": {...}}`; replies `{"generated_text": [str], ...}` and, streaming,
+`data: {"token": {...}, "generated_text": null|str, "finished": bool, ...}` events.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.router.choice_stream import ChoiceStream
+from glmserve.router.errors import APIError
+from glmserve.router.protocol import GenerateRequest
+from glmserve.router.request_params import max_tokens_for, per_choice_params
+from glmserve.router.serving_common import (ChoiceRun, RequestTiming, collect_until_disconnect, new_id, sse,
+                                            stream_with_timeout, token_text)
+from glmserve.router.state import RouterState
+
+
+def _params(body: GenerateRequest, prompt_len: int, st: RouterState) -> SamplingParams:
+    p = body.parameters
+    max_tokens = max_tokens_for(p.max_new_tokens, prompt_len, st.backend.model_info())
+    try:
+        return SamplingParams(
+            n=p.n, temperature=p.temperature if p.do_sample else 0.0, top_p=p.top_p, top_k=max(p.top_k, 0),
+            min_p=p.min_p, repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, max_tokens=max_tokens, min_tokens=p.min_new_tokens,
+            stop=p.stop_sequences, ignore_eos=p.ignore_eos, seed=p.seed, skip_special_tokens=p.skip_special_tokens,
+            logprobs=0 if p.return_details else None,
+        )
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="parameters") from exc
+
+
+class GenerateHandler:
+    def __init__(self, state: RouterState):
+        self.state = state
+
+    def _run(self, body: GenerateRequest) -> ChoiceRun:
+        st = self.state
+        ids = st.tokenizer.encode(body.inputs)
+        if not ids:
+            raise APIError(400, "inputs must not be empty", param="inputs")
+        params = _params(body, len(ids), st)
+        st.metrics.get("prompt_tokens").inc(len(ids))
+        return ChoiceRun(st.backend, new_id("gen"), ids, lambda _: ChoiceStream(st.tokenizer, ids, params),
+                         per_choice_params(params), RequestTiming(st.metrics))
+
+    async def generate(self, body: GenerateRequest, raw: Request):
+        run = self._run(body)
+        deltas = await collect_until_disconnect(run, raw, self.state.config.request_timeout)
+        texts, reasons, counts = [], [], []
+        for index in range(len(run.params)):
+            mine = [d for i, d in deltas if i == index]
+            texts.append("".join(d.content for d in mine))
+            reasons.append(mine[-1].finish_reason if mine else None)
+            counts.append(sum(len(d.token_ids) for d in mine))
+        out = {"generated_text": texts, "count_output_tokens": sum(counts), "finish_reason": reasons,
+               "prompt_tokens": len(run.prompt_token_ids)}
+        if body.parameters.return_details:
+            out["tokens"] = [{"id": lp.token_id, "text": token_text(self.state.tokenizer, lp.token_id),
+                              "logprob": lp.logprob} for i, d in deltas if i == 0 for lp in d.logprobs]
+        return JSONResponse(out)
+
+    async def generate_stream(self, body: GenerateRequest, raw: Request):
+        run = self._run(body)
+        if len(run.params) != 1:
+            raise APIError(400, "generate_stream supports n=1", param="parameters.n")
+        return StreamingResponse(stream_with_timeout(self._events(run), self.state.config.request_timeout,
+                                                     self.state.metrics), media_type="text/event-stream")
+
+    async def _events(self, run: ChoiceRun) -> AsyncIterator[str]:
+        st = self.state
+        text = ""
+        async for _, d in run.deltas():
+            text += d.content
+            finished = d.finish_reason is not None
+            for j, tid in enumerate(d.token_ids or [None]):
+                last = finished and j == max(len(d.token_ids) - 1, 0)
+                token = None if tid is None else {"id": tid, "text": d.content if j == 0 else "",
+                                                  "logprob": d.logprobs[j].logprob if j < len(d.logprobs) else None,
+                                                  "special": st.tokenizer.is_special(tid)}
+                yield sse({"token": token, "generated_text": text if last else None, "finished": last,
+                           "finish_reason": d.finish_reason if last else None,
+                           "details": {"prompt_tokens": len(run.prompt_token_ids)} if last else None})
