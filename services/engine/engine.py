@@ -68,6 +68,7 @@ class LLMEngine:
         req = Request(request_id, list(prompt_token_ids), params,
                       eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
                       max_model_len=self.max_model_len)
+        req.seed_generator(self.device)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
@@ -81,6 +82,11 @@ class LLMEngine:
                       eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
                       max_model_len=self.max_model_len, block_ids=list(block_ids),
                       num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens)
+        req.seed_generator(self.device)
+        if req.generator is not None and not params.greedy:
+            # The prefill worker drew the first token from a fresh generator of the same seed; replay
+            # that draw so this one continues where it left off (same tokens as one process would give).
+            torch.rand(self.model_config.vocab_size, generator=req.generator, device=req.generator.device)
         self.requests[request_id] = req
         req.append_token(first_token)
         req.check_stop()

@@ -46,9 +46,10 @@ class Request:
     generator: torch.Generator | None = None
     _block_hashes: list[int] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if self.params.seed is not None and self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+    def seed_generator(self, device: torch.device) -> None:
+        """A seeded request samples from its own RNG, on the device the logits live on."""
+        if self.params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
 
     @property
     def all_token_ids(self) -> list[int]:
