@@ -164,6 +164,8 @@ class LLM:
             seq.cumulative_logprob += tok.logprob
         if seq.detok is not None:
             delta = seq.detok.push(out.new_token_ids)
+            if out.finished:
+                delta += seq.detok.flush()  # bytes of an unfinished character, if any
             if seq.stops is not None:
                 delta, stopped, matched = seq.stops.feed(delta)
                 seq.text += delta

@@ -58,6 +58,8 @@ class ChoiceStream:
         out = ChoiceDelta(token_ids=list(delta.token_ids), logprobs=list(delta.logprobs))
         self.token_ids += delta.token_ids
         text = self.detok.push(delta.token_ids)
+        if delta.finished:
+            text += self.detok.flush()  # bytes of an unfinished character, if any
         if self._prefix:
             text, self._prefix = self._prefix + text, ""
         final = delta.finished
