@@ -1,0 +1,117 @@
+"""`glmserve bench`: arguments, and the run that ties dataset, driver, metrics and report together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from typing import Sequence
+
+import aiohttp
+
+from glmserve.bench.client import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RequestOutput, build_payload, send_request
+from glmserve.bench.datasets import (SampleRequest, TextTokenizer, prefix_repetition_requests, random_requests,
+                                     sharegpt_requests)
+from glmserve.bench.driver import drive
+from glmserve.bench.metrics import compute_metrics
+from glmserve.bench.report import build_result, format_report, write_result
+
+# Long generations on a CPU model can take many minutes; only a stalled connection should fail a request.
+_READ_TIMEOUT_S = 600.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address, without /v1")
+    parser.add_argument("--model", required=True, help="model name sent in each request")
+    parser.add_argument("--endpoint", choices=[COMPLETIONS_ENDPOINT, CHAT_ENDPOINT], default=COMPLETIONS_ENDPOINT)
+    parser.add_argument("--dataset", choices=["random", "sharegpt", "prefix-repetition"], default="random")
+    parser.add_argument("--dataset-path", default=None,
+                        help="sharegpt: JSON list of {'conversations': [{'from'|'role', 'value'|'content'}]}")
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--random-input-len", type=int, default=1024,
+                        help="random: prompt tokens; prefix-repetition: suffix tokens after the prefix (joined by a space)")
+    parser.add_argument("--random-output-len", type=int, default=128,
+                        help="max_tokens for random and prefix-repetition prompts")
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="random: lengths uniform in [len*(1-r), len*(1+r)]")
+    parser.add_argument("--prefix-len", type=int, default=256, help="prefix-repetition: shared prefix tokens")
+    parser.add_argument("--num-prefixes", type=int, default=10, help="prefix-repetition: distinct prefixes")
+    parser.add_argument("--sharegpt-output-len", type=int, default=None,
+                        help="sharegpt: fixed max_tokens instead of the recorded reply's length")
+    parser.add_argument("--request-rate", type=float, default=math.inf,
+                        help="requests/s with Poisson arrivals; inf sends all at once")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default=None,
+                        help="model directory: build prompts of exact token length and count input tokens "
+                             "locally (default: random words, token counts from the server's usage)")
+    parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so replies reach max_tokens")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--result-file", default=None, help="write the JSON result here")
+    parser.add_argument("--label", default=None, help="free-form name stored in the JSON result")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def _load_tokenizer(path: str | None) -> TextTokenizer | None:
+    if path is None:
+        return None
+    from glmserve.engine.tokenizer import Tokenizer  # imported lazily: only needed with --tokenizer
+
+    return Tokenizer(path)
+
+
+def build_requests(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> list[SampleRequest]:
+    if args.num_prompts < 1:
+        raise ValueError("--num-prompts must be at least 1")
+    if args.dataset == "random":
+        return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
+                               args.random_range_ratio, args.seed, tokenizer)
+    if args.dataset == "prefix-repetition":
+        return prefix_repetition_requests(args.num_prompts, args.prefix_len, args.num_prefixes,
+                                          args.random_input_len, args.random_output_len, args.seed, tokenizer)
+    if args.dataset_path is None:
+        raise ValueError("--dataset sharegpt needs --dataset-path")
+    return sharegpt_requests(args.dataset_path, args.num_prompts, args.seed, tokenizer, args.sharegpt_output_len)
+
+
+async def _send_all(args: argparse.Namespace,
+                    requests: Sequence[SampleRequest]) -> tuple[list[RequestOutput], float]:
+    url = args.base_url.rstrip("/") + args.endpoint
+    # limit=0: aiohttp's default pool of 100 connections would silently cap concurrency.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=_READ_TIMEOUT_S)
+    # read_bufsize: one SSE line (a chunk with many token ids) may exceed the 64 KiB default.
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, read_bufsize=2**20) as session:
+        async def send(req: SampleRequest) -> RequestOutput:
+            payload = build_payload(args.endpoint, args.model, req, args.temperature, args.ignore_eos)
+            return await send_request(session, url, payload)
+
+        return await drive(requests, send, args.request_rate, args.max_concurrency, args.seed, args.disable_tqdm)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark and prints the report; 1 when no request succeeded (or arguments are bad)."""
+    try:
+        tokenizer = _load_tokenizer(args.tokenizer)
+        requests = build_requests(args, tokenizer)
+    except (ValueError, OSError) as exc:
+        print(f"glmserve bench: {exc}", file=sys.stderr)
+        return 1
+    print(f"Sending {len(requests)} requests to {args.base_url.rstrip('/')}{args.endpoint} "
+          f"(request rate {args.request_rate}, max concurrency {args.max_concurrency})")
+    try:
+        outputs, duration = asyncio.run(_send_all(args, requests))
+    except ValueError as exc:  # bad --request-rate / --max-concurrency, found by the driver
+        print(f"glmserve bench: {exc}", file=sys.stderr)
+        return 1
+    metrics = compute_metrics(requests, outputs, duration, tokenizer)
+    print(format_report(metrics, args.max_concurrency, args.request_rate))
+    first_error = next((o.error for o in outputs if not o.success), None)
+    if first_error:
+        print(f"first error: {first_error}", file=sys.stderr)
+    if args.result_file:
+        arguments = {k: v for k, v in vars(args).items() if not callable(v)}  # drop a wired-in handler
+        write_result(args.result_file, build_result(metrics, outputs, arguments, args.label))
+        print(f"result written to {args.result_file}")
+    return 0 if metrics.completed else 1
