@@ -19,6 +19,14 @@ def context_slots(block_table_row: torch.Tensor, seq_len: int, block_size: int) 
     return block_table_row[pos // block_size].long() * block_size + pos % block_size
 
 
+def store_paged(cache: torch.Tensor, plane: int, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:
+    """Write values [T, Hkv, D] into plane 0 (K) or 1 (V) of a GQA cache [N, 2, bs, Hkv, D], in place."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    bs = cache.shape[2]
+    cache[slots // bs, plane, slots % bs] = values[keep].to(cache.dtype)
+
+
 def causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
     """[q_len, seq_len] bool, True where the query may attend."""
     q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
@@ -37,17 +45,16 @@ class TorchAttentionBackend(AttentionBackend):
             start += q_len
 
     def gqa(self, layer, q, k, v, ctx, scale):
-        cache = ctx.kv_caches[layer]  # [N, 2, bs, Hkv, D]
-        n_blocks, _, bs, hkv, d = cache.shape
-        k_flat = cache[:, 0].reshape(n_blocks * bs, hkv, d)
-        v_flat = cache[:, 1].reshape(n_blocks * bs, hkv, d)
-        store_slots(k_flat, ctx.slot_mapping, k)
-        store_slots(v_flat, ctx.slot_mapping, v)
+        cache = ctx.kv_caches[layer]  # [N, 2, bs, Hkv, D]; K and V planes are not contiguous views
+        bs, hkv = cache.shape[2], cache.shape[3]
+        store_paged(cache, 0, ctx.slot_mapping, k)
+        store_paged(cache, 1, ctx.slot_mapping, v)
         group = q.shape[1] // hkv
         out = torch.empty_like(q)
         for rows, slots, mask in self._sequences(ctx):
-            keys = k_flat[slots].to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
-            vals = v_flat[slots].to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+            blocks, offsets = slots // bs, slots % bs
+            keys = cache[blocks, 0, offsets].to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+            vals = cache[blocks, 1, offsets].to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
             o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
             out[rows] = o.transpose(0, 1)
         ctx.layer_done(layer)
