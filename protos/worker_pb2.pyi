@@ -164,7 +164,7 @@ class TokenChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling", "kv_link", "dst_block_ids", "block_size", "num_dst_cached_blocks")
+    __slots__ = ("request_id", "token_ids", "sampling", "kv_link", "dst_block_ids", "block_size", "num_dst_cached_blocks", "transfer_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class PrefillRequest(_message.Message):
     DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_DST_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingOptions
@@ -179,7 +180,8 @@ class PrefillRequest(_message.Message):
     dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
     block_size: int
     num_dst_cached_blocks: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., kv_link: _Optional[_Union[KvLinkAddress, _Mapping]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_dst_cached_blocks: _Optional[int] = ...) -> None: ...
+    transfer_id: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., kv_link: _Optional[_Union[KvLinkAddress, _Mapping]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_dst_cached_blocks: _Optional[int] = ..., transfer_id: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_token_logprob", "cached_tokens", "kv_bytes_sent", "status")
