@@ -4,9 +4,13 @@ frozen config objects and hands them down."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
+
+from glmserve.cli_args import (add_engine_args, add_router_args, engine_config, resolve_model_arg, router_config,
+                               worker_config)
 
 
 def cache_dir() -> Path:
@@ -24,11 +28,75 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from glmserve.engine.demo import run_demo
 
-    return run_demo(model=args.model, dtype=args.dtype, cache_dir=cache_dir(), max_tokens=args.max_tokens)
+    return run_demo(model=resolve_model_arg(args.model, cache_dir()), dtype=args.dtype, max_tokens=args.max_tokens)
+
+
+def _cmd_prefill(args: argparse.Namespace) -> int:
+    from glmserve.prefill.main import run_prefill_worker
+
+    return run_prefill_worker(worker_config(args, "prefill", cache_dir()))
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from glmserve.decode.main import run_decode_worker
+
+    return run_decode_worker(worker_config(args, "decode", cache_dir()))
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from glmserve.router.main import run_router
+
+    cfg = router_config(args, cache_dir())
+    if args.discovery == "kubernetes":
+        from glmserve.router.discovery_k8s import KubernetesDiscovery
+
+        discovery = KubernetesDiscovery(namespace=args.namespace, prefill_service=args.prefill_service,
+                                        decode_service=args.decode_service, grpc_port_name=args.grpc_port_name)
+    else:
+        from glmserve.router.discovery import StaticDiscovery
+
+        discovery = StaticDiscovery(list(cfg.prefill), list(cfg.decode))
+    return run_router(cfg, discovery, args.max_model_len)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from glmserve.router.main import run_single_process
+
+    return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir()))
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from glmserve.launcher import LaunchPlan, run_up
+
+    model = resolve_model_arg(args.model, cache_dir())
+    worker_args = ["--dtype", args.dtype, "--chunked-prefill-size", str(args.chunked_prefill_size),
+                   "--served-model-name", args.served_model_name or Path(model).name]
+    if args.max_model_len:
+        worker_args += ["--max-model-len", str(args.max_model_len)]
+    router_args = ["--served-model-name", args.served_model_name or Path(model).name]
+    for flag in ("tool_call_parser", "reasoning_parser"):
+        if getattr(args, flag):
+            router_args += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    plan = LaunchPlan(model=model, num_prefill=args.prefill, num_decode=args.decode, port=args.port, host=args.host,
+                      worker_args=tuple(worker_args), router_args=tuple(router_args))
+    return run_up(plan)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from glmserve.bench.cli import run
+
+    return run(args)
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from glmserve.operator.entry import run_operator
+
+    return run_operator(namespace=args.namespace, all_namespaces=args.all_namespaces)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmserve", description="Serve GLM-4.x models: prefill/decode disaggregated.")
+    p.add_argument("--log-level", default=os.environ.get("GLMSERVE_LOG_LEVEL", "WARNING"))
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tiny-model", help="write a tiny random GLM checkpoint (HF format) for tests and demos")
@@ -42,11 +110,68 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default="float32")
     d.add_argument("--max-tokens", type=int, default=32)
     d.set_defaults(func=_cmd_demo)
+
+    for name, func, text in (("prefill", _cmd_prefill, "run a prefill worker"),
+                             ("decode", _cmd_decode, "run a decode worker")):
+        w = sub.add_parser(name, help=text)
+        add_engine_args(w)
+        w.add_argument("--grpc-port", type=int, default=50061 if name == "prefill" else 50071)
+        w.add_argument("--http-port", type=int, default=8101 if name == "prefill" else 8201)
+        w.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
+                       help="address peers use to reach this worker (default: --host, or $POD_IP)")
+        w.add_argument("--drain-timeout", type=float, default=30.0)
+        if name == "decode":
+            w.add_argument("--kv-port", type=int, default=29600)
+            w.add_argument("--max-waiting-requests", type=int, default=256)
+        w.set_defaults(func=func)
+
+    r = sub.add_parser("router", help="run the HTTP router in front of prefill/decode workers")
+    add_router_args(r)
+    r.add_argument("--prefill", default="", help="comma-separated prefill worker gRPC addresses")
+    r.add_argument("--decode", default="", help="comma-separated decode worker gRPC addresses")
+    r.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
+    r.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
+    r.add_argument("--prefill-service", default=None)
+    r.add_argument("--decode-service", default=None)
+    r.add_argument("--grpc-port-name", default="grpc")
+    r.add_argument("--max-model-len", type=int, default=None)
+    r.set_defaults(func=_cmd_router)
+
+    s = sub.add_parser("serve", help="router and engine in one process (no disaggregation)")
+    add_router_args(s)
+    add_engine_args(s, with_host=False)
+    s.set_defaults(func=_cmd_serve)
+
+    u = sub.add_parser("up", help="start a router, prefill and decode workers locally (Ctrl-C stops all)")
+    u.add_argument("--model", default=None, help="model directory or preset (default: built-in tiny model)")
+    u.add_argument("--prefill", type=int, default=1)
+    u.add_argument("--decode", type=int, default=1)
+    u.add_argument("--dtype", default="auto")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--max-model-len", type=int, default=None)
+    u.add_argument("--chunked-prefill-size", type=int, default=8192)
+    u.add_argument("--served-model-name", default=None)
+    u.add_argument("--tool-call-parser", choices=["glm45", "glm47"], default=None)
+    u.add_argument("--reasoning-parser", choices=["glm45"], default=None)
+    u.set_defaults(func=_cmd_up)
+
+    b = sub.add_parser("bench", help="online serving benchmark against an OpenAI-compatible server")
+    from glmserve.bench.cli import add_arguments
+
+    add_arguments(b)
+    b.set_defaults(func=_cmd_bench)
+
+    o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    o.add_argument("--namespace", default=None)
+    o.add_argument("--all-namespaces", action="store_true")
+    o.set_defaults(func=_cmd_operator)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
 

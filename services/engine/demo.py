@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from glmserve.engine.llm import LLM, resolve_model
+from glmserve.engine.llm import LLM
 from glmserve.engine.sampling_params import SamplingParams
 
 
-def run_demo(model: str | None, dtype: str, cache_dir: Path, max_tokens: int) -> int:
-    llm = LLM(model=resolve_model(model, cache_dir), dtype=dtype)
+def run_demo(model: str, dtype: str, max_tokens: int) -> int:
+    llm = LLM(model=model, dtype=dtype)
     prompts = ["The capital of France is", "def fibonacci(n):", "GLM-4.7 is a model that"]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()

@@ -46,6 +46,7 @@ class LLMEngine:
         limit = cfg.scheduler.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(limit, loaded.config.max_position_embeddings)
         self.requests: dict[str, Request] = {}
+        self.reserved: dict[str, list[int]] = {}  # request id -> blocks awaiting a KV transfer
         self.default_eos = frozenset(loaded.config.eos_token_ids)
         # Optional observer of each forward pass (the prefill worker streams KV out from it):
         # `before_forward(chunks) -> on_layer_done callable or None`, `after_forward(chunks)`.
@@ -73,11 +74,25 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
+    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Blocks for a prompt about to arrive over the KV link, held under the request id until
+        add_prefilled_request takes them or abort frees them. None when they do not fit now."""
+        if request_id in self.reserved or request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        n = -(-num_tokens // self.pool.block_size)
+        if n > self.pool.num_free:
+            return None
+        self.reserved[request_id] = self.pool.allocate(n)
+        return self.reserved[request_id]
+
     def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                              block_ids: list[int], first_token: SampledToken, num_cached_tokens: int = 0,
+                              first_token: SampledToken, num_cached_tokens: int = 0,
                               eos_token_ids: frozenset[int] | None = None) -> Request:
-        """Admit a request whose prompt KV is already in `block_ids` (sent by a prefill worker) and whose
-        first token was sampled there: it joins the running batch directly, decoding from token 2."""
+        """Admit a request whose prompt KV is already in its reserved blocks (sent by a prefill worker)
+        and whose first token was sampled there: it joins the running batch, decoding from token 2."""
+        block_ids = self.reserved.pop(request_id, None)
+        if block_ids is None:
+            raise RequestError(f"request {request_id!r} has no reserved KV blocks (aborted?)")
         req = Request(request_id, list(prompt_token_ids), params,
                       eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
                       max_model_len=self.max_model_len, block_ids=list(block_ids),
@@ -97,15 +112,11 @@ class LLMEngine:
             self.requests.pop(request_id, None)
         return req
 
-    def allocate_blocks(self, num_tokens: int) -> list[int] | None:
-        """Blocks for a prompt of num_tokens about to arrive over the KV link; None when they do not fit."""
-        n = -(-num_tokens // self.pool.block_size)
-        return self.pool.allocate(n) if n <= self.pool.num_free else None
-
-    def free_blocks(self, block_ids: list[int]) -> None:
-        self.pool.free(block_ids)
-
     def abort(self, request_id: str) -> bool:
+        reserved = self.reserved.pop(request_id, None)
+        if reserved is not None:
+            self.pool.free(reserved)
+            return True
         req = self.requests.pop(request_id, None)
         if req is None:
             return False

@@ -53,6 +53,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Seconds each newly admitted request waited; drained by the metrics exporter.
+        self.queue_time_samples: list[float] = []
 
     # -- queue management ---------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -155,6 +157,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
+                self.queue_time_samples.append(req.first_scheduled_time - req.arrival_time)
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, num_new))
             budget -= num_new

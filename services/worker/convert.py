@@ -5,10 +5,14 @@ from __future__ import annotations
 from glmserve.engine.sampler import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.protos import worker_pb2 as pb
+from glmserve.worker.lifecycle import ServingState
 
 FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 FINISH_FROM_PB = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_ABORT: "abort", pb.FINISH_REASON_ERROR: "error"}
+
+STATE_TO_PB = {ServingState.SERVING: pb.SERVING_STATE_SERVING, ServingState.DRAINING: pb.SERVING_STATE_DRAINING,
+               ServingState.NOT_READY: pb.SERVING_STATE_NOT_READY}
 
 
 def params_to_pb(p: SamplingParams, eos_token_ids: frozenset[int] | None = None) -> pb.SamplingOptions:

@@ -1,0 +1,15 @@
+"""`glmserve decode`: one decode worker process."""
+
+from __future__ import annotations
+
+import asyncio
+
+from glmserve.decode.service import DecodeService
+from glmserve.protos import worker_pb2_grpc as pb_grpc
+from glmserve.worker.config import WorkerConfig
+from glmserve.worker.server import serve_worker
+
+
+def run_decode_worker(cfg: WorkerConfig) -> int:
+    asyncio.run(serve_worker(cfg, DecodeService, pb_grpc.add_DecodeWorkerServicer_to_server))
+    return 0

@@ -1,0 +1,205 @@
+"""The decode worker: admits a request into KV blocks, has a prefill worker fill them over the KV
+link, then generates the rest of the tokens in its continuous batch and streams them to the router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from glmserve.engine.async_engine import AsyncEngine
+from glmserve.engine.kv_link import KVTransferError, prometheus_observer
+from glmserve.engine.kv_transfer import KVLinkServer
+from glmserve.metrics import ServiceMetrics
+from glmserve.protos import worker_pb2 as pb
+from glmserve.protos import worker_pb2_grpc as pb_grpc
+from glmserve.worker.convert import STATE_TO_PB, FINISH_TO_PB, params_from_pb, params_to_pb, sampled_from_pb, token_logprob_to_pb
+from glmserve.worker.config import WorkerConfig
+from glmserve.worker.lifecycle import Lifecycle
+from glmserve.worker.load import load_report
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: int, message: str, retriable: bool):
+        super().__init__(message)
+        self.code, self.message, self.retriable = code, message, retriable
+
+    def chunk(self, request_id: str) -> pb.TokenChunk:
+        return pb.TokenChunk(request_id=request_id, finish_reason=pb.FINISH_REASON_ERROR,
+                             status=pb.Status(code=self.code, message=self.message, retriable=self.retriable))
+
+
+class BlockAdmission:
+    """KV blocks for new prompts: wait in a bounded FIFO queue while the cache is full, else refuse."""
+
+    def __init__(self, async_engine: AsyncEngine, max_waiting: int, timeout: float):
+        self.async_engine = async_engine
+        self.max_waiting = max_waiting
+        self.timeout = timeout
+        self.waiting = 0
+        self.waiting_tokens = 0
+        self._turn = asyncio.Lock()  # FIFO: one request at a time retries for blocks
+
+    async def acquire(self, request_id: str, num_tokens: int) -> list[int]:
+        """Blocks for the prompt and the first token's KV, reserved in the engine under request_id
+        (the engine owns them from then on: aborting the request frees them)."""
+        if self.waiting >= self.max_waiting:
+            raise RequestFailed(pb.ERROR_CODE_NO_KV_CAPACITY, "decode worker queue is full", True)
+        self.waiting += 1
+        self.waiting_tokens += num_tokens
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._turn:
+                    while True:
+                        blocks = await self.async_engine.call(lambda e: e.reserve_blocks(request_id, num_tokens + 1))
+                        if blocks is not None:
+                            return blocks
+                        await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise RequestFailed(pb.ERROR_CODE_NO_KV_CAPACITY,
+                                f"no KV capacity for {num_tokens} tokens within {self.timeout:.0f}s", True) from None
+        finally:
+            self.waiting -= 1
+            self.waiting_tokens -= num_tokens
+
+
+class DecodeService(pb_grpc.DecodeWorkerServicer):
+    def __init__(self, cfg: WorkerConfig, async_engine: AsyncEngine, metrics: ServiceMetrics, lifecycle: Lifecycle):
+        self.cfg = cfg
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.link_server = KVLinkServer(cfg.host if cfg.host not in ("localhost",) else "127.0.0.1", cfg.kv_port,
+                                        self.engine.device, timeout_s=cfg.kv_timeout,
+                                        observer=prometheus_observer(metrics))
+        self.admission = BlockAdmission(async_engine, cfg.max_waiting_requests, cfg.admission_timeout)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._prefill_of: dict[str, str] = {}  # request id -> prefill address, while prefilling
+
+    def _prefill_stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+        return pb_grpc.PrefillWorkerStub(ch)
+
+    # -- Generate --------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.TokenChunk]:
+        rid = request.request_id
+        if not self.lifecycle.accepting:
+            yield RequestFailed(pb.ERROR_CODE_UNAVAILABLE, "decode worker is draining", True).chunk(rid)
+            return
+        self.lifecycle.begin()
+        try:
+            async for chunk in self._generate(request):
+                yield chunk
+        except RequestFailed as exc:
+            yield exc.chunk(rid)
+        finally:
+            self.lifecycle.end()
+
+    def _validate(self, request: pb.GenerateRequest):
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, "empty prompt", False)
+        if len(prompt) >= self.engine.max_model_len:
+            raise RequestFailed(pb.ERROR_CODE_PROMPT_TOO_LONG,
+                                f"prompt of {len(prompt)} tokens does not fit max_model_len {self.engine.max_model_len}",
+                                False)
+        vocab = self.engine.model_config.vocab_size
+        if any(t >= vocab for t in prompt):
+            raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, f"token ids must be < {vocab}", False)
+        try:
+            params, eos = params_from_pb(request.sampling)
+        except ValueError as exc:
+            raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False) from exc
+        return prompt, params, eos
+
+    async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.TokenChunk]:
+        rid = request.request_id
+        prompt, params, eos = self._validate(request)
+        blocks = await self.admission.acquire(rid, len(prompt))
+        try:
+            first, cached = await self._prefill(request, prompt, blocks)
+            stream = self.async_engine.generate_prefilled(
+                rid, prompt_token_ids=prompt, params=params, first_token=first, num_cached_tokens=cached,
+                eos_token_ids=eos)
+            first_chunk = True
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    chunk = pb.TokenChunk(request_id=rid, token_ids=out.new_token_ids,
+                                          logprobs=[token_logprob_to_pb(t) for t in out.new_logprobs])
+                    if first_chunk:
+                        chunk.prompt_tokens, chunk.cached_prompt_tokens = len(prompt), cached
+                        first_chunk = False
+                    if out.finished:
+                        chunk.finish_reason = FINISH_TO_PB.get(out.finish_reason, pb.FINISH_REASON_STOP)
+                        if isinstance(out.stop_reason, int):
+                            chunk.stop_token_id = out.stop_reason
+                    yield chunk
+        finally:
+            # Idempotent: frees the reserved blocks, or aborts the running request, or does nothing.
+            self.async_engine.abort(rid)
+
+    async def _prefill(self, request: pb.GenerateRequest, prompt: list[int], blocks: list[int]):
+        """Have the prefill worker fill `blocks`; returns (first token, prefix-cached tokens)."""
+        rid, address = request.request_id, request.prefill_address
+        rx = self.link_server.receiver(address)
+        tid = rx.new_transfer_id()
+        handle = rx.expect(tid, self.engine.runner.kv_caches, blocks, len(prompt), self.engine.model_config.num_hidden_layers)
+        want_logprobs = request.sampling.HasField("logprobs")
+        kv_link = pb.KvLinkAddress(host=self.cfg.advertise_host, port=self.link_server.port, link_id=rx.address.name)
+        preq = pb.PrefillRequest(request_id=rid, token_ids=prompt, sampling=request.sampling, kv_link=kv_link,
+                                 dst_block_ids=blocks, block_size=self.engine.pool.block_size, transfer_id=tid)
+        self._prefill_of[rid] = address
+        done = False
+        try:
+            resp = await self._prefill_stub(address).Prefill(preq, timeout=self.cfg.prefill_timeout)
+            if resp.status.code != pb.ERROR_CODE_OK:
+                raise RequestFailed(resp.status.code, f"prefill {address}: {resp.status.message}", resp.status.retriable)
+            await asyncio.wait_for(asyncio.wrap_future(handle.future), self.cfg.kv_timeout)
+            done = True
+            return sampled_from_pb(resp.first_token_id, resp.first_token_logprob, want_logprobs), resp.cached_tokens
+        except grpc.aio.AioRpcError as exc:
+            raise RequestFailed(pb.ERROR_CODE_PREFILL_FAILED, f"prefill worker {address}: {exc.code().name} "
+                                f"{exc.details()}", True) from exc
+        except (KVTransferError, TimeoutError, asyncio.TimeoutError) as exc:
+            raise RequestFailed(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"KV transfer from {address} failed: {exc!r}",
+                                True) from exc
+        finally:
+            self._prefill_of.pop(rid, None)
+            if not done:
+                handle.cancel()  # nothing more lands in these blocks once this returns
+                asyncio.ensure_future(self._cancel_prefill(address, rid))
+
+    async def _cancel_prefill(self, address: str, rid: str) -> None:
+        try:
+            await self._prefill_stub(address).Cancel(pb.CancelRequest(request_id=rid), timeout=5)
+        except grpc.aio.AioRpcError:
+            pass
+
+    # -- other RPCs ----------------------------------------------------------------------------
+    async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
+        rid = request.request_id
+        address = self._prefill_of.get(rid)
+        if address is not None:
+            await self._cancel_prefill(address, rid)
+        found = rid in self.engine.requests or address is not None
+        self.async_engine.abort(rid)
+        return pb.CancelResponse(found=found)
+
+    async def Health(self, request, context) -> pb.HealthResponse:
+        return pb.HealthResponse(state=STATE_TO_PB[self.lifecycle.state])
+
+    async def GetLoad(self, request, context) -> pb.LoadReport:
+        a = self.admission
+        report = await self.async_engine.call(
+            lambda e: load_report(e, self.cfg, self.lifecycle, extra_waiting=a.waiting, extra_queued_tokens=a.waiting_tokens))
+        report.state = STATE_TO_PB[self.lifecycle.state]
+        return report
+

@@ -1,0 +1,177 @@
+"""One KV link endpoint: a private 2-rank torch.distributed group between a prefill worker P and a
+decode worker D, built without a global default group (each worker talks to many peers).
+
+D (rank 0) hosts a TCPStore; each link lives under its own PrefixStore named by D (the name carries an
+epoch, so a broken link is never reused). Headers always go over gloo: an idle gloo recv only waits,
+and a dead peer shows up as "connection closed" at once. Payloads go over NCCL when both ends hold
+their cache on CUDA (NCCL ops are only posted once a header said data is coming), else over the same
+gloo group, staged through host memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from glmserve.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+D_RANK, P_RANK = 0, 1
+_TAG = 0  # one ordered stream per link: everything uses the same tag
+
+
+class KVTransferError(RuntimeError):
+    """A KV transfer failed; the more specific errors below say why."""
+
+
+class KVLinkError(KVTransferError):
+    """The link broke (peer died, timed out, or closed); every pending transfer on it failed."""
+
+
+class KVTransferCancelled(KVTransferError):
+    """The transfer was cancelled by one of the two sides."""
+
+
+@dataclass(frozen=True)
+class LinkAddress:
+    """What D tells P so that P can join the link: D's store address and the link's name."""
+
+    host: str
+    port: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}/{self.name}"
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """A measurement for metrics. `link` is a stable label (peer), not the per-epoch name."""
+
+    link: str
+    kind: Literal["bytes", "latency", "failure"]
+    direction: Literal["send", "recv"]
+    value: float
+
+
+LinkObserver = Callable[[LinkEvent], None]
+
+
+def notify(observer: LinkObserver | None, event: LinkEvent) -> None:
+    """Metrics must never break a link."""
+    if observer is None:
+        return
+    try:
+        observer(event)
+    except Exception:  # noqa: BLE001
+        log.exception("KV link observer failed on %s", event)
+
+
+def prometheus_observer(metrics: "ServiceMetrics") -> LinkObserver:
+    """Feeds `glmserve:kv_transfer_*` of a service's metrics."""
+
+    def observe(ev: LinkEvent) -> None:
+        if ev.kind == "bytes":
+            metrics.get("kv_transfer_bytes", link=ev.link, direction=ev.direction).inc(ev.value)
+        elif ev.kind == "latency":
+            metrics.get("kv_transfer_latency_seconds", link=ev.link).observe(ev.value)
+        else:
+            metrics.get("kv_transfer_failures", link=ev.link).inc(ev.value)
+
+    return observe
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP the kernel would use to reach host (no packet is sent): gloo must listen there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def _gloo_device(host: str):
+    if host in ("", "0.0.0.0", "::"):
+        return dist.ProcessGroupGloo.create_default_device()
+    return dist.ProcessGroupGloo.create_device(hostname=host)
+
+
+def connect_host(host: str) -> str:
+    """Where a local client reaches a server that was told to listen on host."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def _wants_nccl(device: torch.device) -> bool:
+    return device.type == "cuda" and dist.is_nccl_available()
+
+
+class Channel:
+    """A connected link endpoint: ordered header and payload send/recv to the one peer."""
+
+    def __init__(self, store: dist.Store, name: str, rank: int, device: torch.device, timeout_s: float,
+                 gloo_host: str, connect_timeout_s: float, stop: Callable[[], bool] = lambda: False):
+        self.name, self.rank, self.peer = name, rank, 1 - rank
+        self.device = device
+        td = datetime.timedelta(seconds=timeout_s)  # per send/recv, once connected
+        link_store = dist.PrefixStore(name, store)
+        link_store.set(f"info/{rank}", json.dumps({"nccl": _wants_nccl(device), "timeout_s": timeout_s}))
+        # Poll rather than block in get(): a link closed while still waiting for its peer ends promptly.
+        deadline = time.monotonic() + connect_timeout_s
+        while not link_store.check([f"info/{self.peer}"]):
+            if stop():
+                raise KVLinkError(f"KV link {name} closed before the peer joined")
+            if time.monotonic() > deadline:
+                raise KVLinkError(f"KV link {name}: peer did not join within {connect_timeout_s:.0f} s")
+            time.sleep(0.02)
+        self.peer_info = json.loads(link_store.get(f"info/{self.peer}"))
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [_gloo_device(gloo_host)]
+        opts._timeout = td
+        # The constructor blocks until the peer has joined (rendezvous through the store).
+        self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("gloo", link_store), rank, 2, opts)
+        self.backend = "nccl" if _wants_nccl(device) and self.peer_info["nccl"] else "gloo"
+        self.data = self.ctrl
+        if self.backend == "nccl":
+            nopts = dist.ProcessGroupNCCL.Options()
+            nopts.is_high_priority_stream = False
+            nopts._timeout = td
+            self.data = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", link_store), rank, 2, nopts)
+        # Payload buffers live where the data group can reach them.
+        self.wire_device = device if self.backend == "nccl" else torch.device("cpu")
+        self._header = torch.zeros(8, dtype=torch.int64)
+        self._scratch = torch.empty(0, dtype=torch.uint8, device=self.wire_device)
+
+    def send_header(self, header: torch.Tensor) -> None:
+        self.ctrl.send([header], self.peer, _TAG).wait()
+
+    def recv_header(self) -> torch.Tensor:
+        self.ctrl.recv([self._header], self.peer, _TAG).wait()
+        return self._header
+
+    def send_payload(self, payload: torch.Tensor) -> None:
+        flat = payload.reshape(-1).view(torch.uint8)  # bytes: works for every dtype, fp8 included
+        if flat.device != self.wire_device:
+            flat = flat.to(self.wire_device)
+        work = self.data.send([flat], self.peer, _TAG)
+        work.wait()
+        if self.backend == "nccl":
+            torch.cuda.current_stream(self.device).synchronize()  # buffer must outlive the send
+
+    def recv_payload(self, nbytes: int) -> torch.Tensor:
+        """Receive nbytes into a reused buffer; valid until the next recv_payload."""
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device)
+        buf = self._scratch[:nbytes]
+        self.data.recv([buf], self.peer, _TAG).wait()  # on NCCL: orders the current stream after it
+        return buf

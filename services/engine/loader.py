@@ -1,0 +1,105 @@
+"""load_model: a model directory or preset name -> a ready model on its device.
+
+Steps: resolve the config (config.json + generation_config.json, or a preset), device and dtype; build the
+model on the meta device and materialise it directly in the target dtype on the target device (no fp32
+copy at full size); keep the router in fp32; then fill it from the checkpoint or with dummy weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glmserve.engine.attention.backend import AttentionBackend
+from glmserve.engine.config import ModelConfig
+from glmserve.engine.dtypes import resolve_device, resolve_dtype
+from glmserve.engine.models.registry import model_class
+from glmserve.engine.models.weight_utils import keep_router_fp32
+from glmserve.engine.presets import canonical_preset, preset_config
+from glmserve.engine.weights import fill_dummy_weights, iterate_weights
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    model_dir: Path | None
+    dtype: torch.dtype
+    device: torch.device
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """config.json, with eos/bos/pad ids from generation_config.json where it has them (it wins: it is what
+    generation stops on)."""
+    d = Path(model_dir)
+    raw = json.loads((d / "config.json").read_text())
+    gen_path = d / "generation_config.json"
+    if gen_path.exists():
+        gen = json.loads(gen_path.read_text())
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if gen.get(key) is not None:
+                raw[key] = gen[key]
+    return ModelConfig.from_dict(raw)
+
+
+def _resolve_source(model: str, load_format: str) -> tuple[ModelConfig, Path | None, str]:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, not {load_format!r}")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json")
+        return read_model_config(path), path, "safetensors" if load_format == "auto" else load_format
+    preset = canonical_preset(model)
+    if preset is None:
+        raise FileNotFoundError(f"{model!r} is neither a model directory nor a preset")
+    if load_format == "safetensors":
+        raise ValueError(f"preset {preset} has no weights here; use load_format='dummy'")
+    return preset_config(preset), None, "dummy"
+
+
+def build_model(cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """An uninitialised model in `dtype` on `device` (router parameters in fp32)."""
+    with torch.device("meta"):
+        model = model_class(cfg.arch)(cfg, backend)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty un-shares tied parameters
+    keep_router_fp32(model)
+    return model.eval()
+
+
+def load_model(
+    model: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    load_format: str = "auto",
+    backend: AttentionBackend | None = None,
+    show_progress: bool = True,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load `model` (a HF model directory or a preset name such as "GLM-4.7-Flash").
+
+    load_format: "auto" (safetensors for a directory, dummy for a preset), "safetensors", or "dummy"
+    (the real config with random weights, no files read). The model keeps `backend` as `.backend`.
+    """
+    cfg, model_dir, fmt = _resolve_source(model, load_format)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, cfg, dev)
+    if backend is None:
+        from glmserve.engine.attention import registry
+
+        backend = registry.create("auto", dev)
+    net = build_model(cfg, backend, torch_dtype, dev)
+    with torch.no_grad():
+        if fmt == "dummy":
+            fill_dummy_weights(net, seed=seed)
+        else:
+            net.load_weights(iterate_weights(model_dir, torch_dtype, show_progress=show_progress))
+    return LoadedModel(model=net, config=cfg, model_dir=model_dir, dtype=torch_dtype, device=dev)

@@ -1,0 +1,116 @@
+"""`glmserve up`: a router, prefill and decode workers as separate local processes; Ctrl-C stops all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    model: str
+    num_prefill: int = 1
+    num_decode: int = 1
+    port: int = 8000
+    host: str = "127.0.0.1"
+    worker_args: tuple[str, ...] = ()  # engine flags passed to every worker
+    router_args: tuple[str, ...] = ()
+    ready_timeout: float = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    ready_url: str
+
+
+def _spawn(name: str, args: list[str], ready_url: str) -> Proc:
+    cmd = [sys.executable, "-m", "glmserve.cli", *args]
+    return Proc(name, subprocess.Popen(cmd, start_new_session=True), ready_url)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def start(plan: LaunchPlan) -> list[Proc]:
+    procs: list[Proc] = []
+    prefill_addrs, decode_addrs = [], []
+    common = ["--model", plan.model, "--host", plan.host, *plan.worker_args]
+    for i in range(plan.num_prefill):
+        grpc_port, http_port = free_port(), free_port()
+        procs.append(_spawn(f"prefill-{i}", ["prefill", *common, "--grpc-port", str(grpc_port),
+                                             "--http-port", str(http_port)], f"http://{plan.host}:{http_port}/ready"))
+        prefill_addrs.append(f"{plan.host}:{grpc_port}")
+    for i in range(plan.num_decode):
+        grpc_port, http_port, kv_port = free_port(), free_port(), free_port()
+        procs.append(_spawn(f"decode-{i}", ["decode", *common, "--grpc-port", str(grpc_port),
+                                            "--http-port", str(http_port), "--kv-port", str(kv_port)],
+                            f"http://{plan.host}:{http_port}/ready"))
+        decode_addrs.append(f"{plan.host}:{grpc_port}")
+    procs.append(_spawn("router", ["router", "--model", plan.model, "--host", plan.host, "--port", str(plan.port),
+                                   "--prefill", ",".join(prefill_addrs), "--decode", ",".join(decode_addrs),
+                                   *plan.router_args], f"http://{plan.host}:{plan.port}/health"))
+    return procs
+
+
+def wait_ready(procs: list[Proc], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    while pending:
+        for p in list(pending):
+            if p.popen.poll() is not None:
+                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} while starting")
+            if _ready(p.ready_url):
+                pending.remove(p)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}")
+        time.sleep(0.2)
+
+
+def stop(procs: list[Proc], grace: float = 10.0) -> None:
+    for p in procs:
+        if p.popen.poll() is None:
+            os.killpg(p.popen.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.popen.pid, signal.SIGKILL)
+            p.popen.wait()
+
+
+def run_up(plan: LaunchPlan) -> int:
+    procs = start(plan)
+    try:
+        wait_ready(procs, plan.ready_timeout)
+        print(f"glmserve is up: OpenAI API at http://{plan.host}:{plan.port}/v1 "
+              f"({plan.num_prefill} prefill + {plan.num_decode} decode workers). Ctrl-C stops everything.",
+              flush=True)
+        while all(p.popen.poll() is None for p in procs):
+            time.sleep(0.5)
+        dead = [p.name for p in procs if p.popen.poll() is not None]
+        print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(procs)

@@ -1,0 +1,100 @@
+"""The prefill worker: computes a prompt's KV into the decode worker's blocks and samples token 1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from glmserve.engine.async_engine import AsyncEngine
+from glmserve.engine.kv_link import KVTransferError, LinkAddress, prometheus_observer
+from glmserve.engine.kv_transfer import KVLinkClient
+from glmserve.metrics import ServiceMetrics
+from glmserve.prefill.kv_streamer import KVStreamer, Transfer
+from glmserve.protos import worker_pb2 as pb
+from glmserve.protos import worker_pb2_grpc as pb_grpc
+from glmserve.worker.convert import STATE_TO_PB, params_from_pb, token_logprob_to_pb
+from glmserve.worker.config import WorkerConfig
+from glmserve.worker.lifecycle import Lifecycle
+from glmserve.worker.load import load_report
+
+log = logging.getLogger(__name__)
+
+
+def _error(code: int, message: str, retriable: bool) -> pb.PrefillResponse:
+    return pb.PrefillResponse(status=pb.Status(code=code, message=message, retriable=retriable))
+
+
+class PrefillService(pb_grpc.PrefillWorkerServicer):
+    def __init__(self, cfg: WorkerConfig, async_engine: AsyncEngine, metrics: ServiceMetrics, lifecycle: Lifecycle):
+        self.cfg = cfg
+        self.async_engine = async_engine
+        self.engine = async_engine.engine
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.links = KVLinkClient(self.engine.device, timeout_s=cfg.kv_timeout, observer=prometheus_observer(metrics))
+        self.streamer = KVStreamer(self.engine.runner.kv_caches)
+        self.engine.step_observer = self.streamer
+
+    async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
+        if not self.lifecycle.accepting:
+            return _error(pb.ERROR_CODE_UNAVAILABLE, "prefill worker is not serving", True)
+        if request.block_size != self.engine.pool.block_size:
+            return _error(pb.ERROR_CODE_INVALID_REQUEST,
+                          f"block size {request.block_size} != this worker's {self.engine.pool.block_size}", False)
+        try:
+            params, eos = params_from_pb(request.sampling)
+        except ValueError as exc:
+            return _error(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False)
+        params.max_tokens = 1  # only the first token is sampled here; decode does the rest
+        rid = request.request_id
+        self.lifecycle.begin()
+        transfer = None
+        try:
+            addr = LinkAddress(request.kv_link.host, request.kv_link.port, request.kv_link.link_id)
+            sender = await asyncio.to_thread(self.links.sender, addr)
+            transfer = Transfer(sender, request.transfer_id)
+            self.streamer.register(rid, transfer)
+            first, num_cached = None, 0
+            stream = self.async_engine.generate(rid, list(request.token_ids), params, eos)
+            async with contextlib.aclosing(stream):  # a cancelled call aborts the request at once
+                async for out in stream:
+                    if out.new_token_ids:
+                        first = (out.new_token_ids[0], out.new_logprobs[0] if out.new_logprobs else None)
+                    num_cached = out.num_cached_tokens
+            if first is None:
+                return _error(pb.ERROR_CODE_PREFILL_FAILED, "prefill produced no token", True)
+            sent = await asyncio.wait_for(asyncio.wrap_future(sender.finish(request.transfer_id)),
+                                          self.cfg.kv_timeout)
+            resp = pb.PrefillResponse(request_id=rid, first_token_id=first[0], cached_tokens=num_cached,
+                                      kv_bytes_sent=int(sent or 0))
+            if first[1] is not None:
+                resp.first_token_logprob.CopyFrom(token_logprob_to_pb(first[1]))
+            transfer = None  # delivered
+            return resp
+        except (KVTransferError, asyncio.TimeoutError, TimeoutError) as exc:
+            return _error(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"KV transfer failed: {exc}", True)
+        except ValueError as exc:  # refused by the engine (too long, bad ids)
+            return _error(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False)
+        finally:
+            self.streamer.unregister(rid)
+            if transfer is not None:  # cancelled or failed midway: tell D to drop what is in flight
+                transfer.sender.cancel(transfer.transfer_id)
+            self.lifecycle.end()
+
+    async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:
+        found = request.request_id in self.engine.requests
+        self.async_engine.abort(request.request_id)
+        return pb.CancelResponse(found=found)
+
+    async def Health(self, request, context) -> pb.HealthResponse:
+        return pb.HealthResponse(state=STATE_TO_PB[self.lifecycle.state])
+
+    async def GetLoad(self, request, context) -> pb.LoadReport:
+        report = await self.async_engine.call(lambda e: load_report(e, self.cfg, self.lifecycle, with_hashes=True))
+        report.state = STATE_TO_PB[self.lifecycle.state]
+        return report
+

@@ -1,0 +1,27 @@
+"""Worker configuration (prefill and decode), built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glmserve.engine.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str  # prefill | decode
+    engine: EngineConfig
+    served_model_name: str
+    host: str = "127.0.0.1"
+    grpc_port: int = 50061
+    http_port: int = 8101
+    # Address other processes use to reach this worker (advertised in KV link addresses).
+    advertise_host: str = "127.0.0.1"
+    kv_port: int = 29600  # decode only: the KV link's TCPStore
+    # Decode admission: requests waiting for KV blocks; beyond this they are refused (retriable).
+    max_waiting_requests: int = 256
+    admission_timeout: float = 30.0
+    # Prefill + KV transfer must finish within this, else the request fails (no hang on a dead peer).
+    prefill_timeout: float = 120.0
+    kv_timeout: float = 30.0
+    drain_timeout: float = 30.0

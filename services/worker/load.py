@@ -1,0 +1,30 @@
+"""A worker's LoadReport (what the router polls to choose workers)."""
+
+from __future__ import annotations
+
+from glmserve.engine.engine import LLMEngine
+from glmserve.protos import worker_pb2 as pb
+from glmserve.worker.config import WorkerConfig
+
+_ROLES = {"prefill": pb.WORKER_ROLE_PREFILL, "decode": pb.WORKER_ROLE_DECODE}
+
+
+def load_report(engine: LLMEngine, cfg: WorkerConfig, lifecycle, with_hashes: bool = False,
+                extra_waiting: int = 0, extra_queued_tokens: int = 0) -> pb.LoadReport:
+    """Built on the engine thread (the pool and scheduler are not thread-safe)."""
+    s = engine.stats()
+    queries = s["prefix_cache_queries"]
+    return pb.LoadReport(
+        role=_ROLES[cfg.role], model_name=cfg.served_model_name, max_model_len=engine.max_model_len,
+        block_size=engine.pool.block_size, queued_tokens=s["num_queued_tokens"] + extra_queued_tokens,
+        running_requests=s["num_requests_running"], waiting_requests=s["num_requests_waiting"] + extra_waiting,
+        kv_usage=s["kv_cache_usage_perc"], free_blocks=s["free_blocks"], total_blocks=s["total_blocks"],
+        prefix_cache_hit_rate=(s["prefix_cache_hits"] / queries) if queries else 0.0,
+        cached_block_hashes=engine.pool.cached_hashes() if with_hashes else [],
+    )
+
+
+def load_dict(report: pb.LoadReport) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(report, preserving_proto_field_name=True)

@@ -1,0 +1,60 @@
+"""Runs one worker process: HTTP side (health/metrics) first, then the model, then the gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import grpc
+
+from glmserve.engine.async_engine import AsyncEngine
+from glmserve.engine.engine import LLMEngine
+from glmserve.metrics import ServiceMetrics
+from glmserve.worker.config import WorkerConfig
+from glmserve.worker.engine_metrics import EngineMetrics
+from glmserve.worker.http_server import create_worker_app, make_http_server
+from glmserve.worker.lifecycle import Lifecycle, ServingState
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server: Callable) -> None:
+    metrics = ServiceMetrics(cfg.role, cfg.served_model_name)
+    lifecycle = Lifecycle()
+    lifecycle.install_signal_handlers(cfg.drain_timeout)
+    holder: dict = {}
+
+    def load() -> dict:
+        eng = holder.get("engine")
+        return eng.stats() if eng is not None else {}
+
+    http = make_http_server(create_worker_app(lifecycle, metrics, load), cfg.host, cfg.http_port)
+    http_task = asyncio.create_task(http.serve())  # liveness answers while the model loads
+    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    holder["engine"] = engine
+    async_engine = AsyncEngine(engine)
+    engine_metrics = EngineMetrics(metrics)
+    async_engine.step_hooks.append(engine_metrics.on_step)
+    async_engine.start()
+    service = make_service(cfg, async_engine, metrics, lifecycle)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    add_to_server(service, server)
+    server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    await server.start()
+    engine_metrics.refresh(engine)
+    lifecycle.state = ServingState.SERVING
+    log.warning("%s worker serving %s: gRPC %s:%d, HTTP %s:%d", cfg.role, cfg.served_model_name, cfg.host,
+                cfg.grpc_port, cfg.host, cfg.http_port)
+    try:
+        await lifecycle.stopped.wait()
+    finally:
+        await server.stop(grace=2)
+        http.should_exit = True
+        await http_task
+        async_engine.stop()
+        close = getattr(service, "close", None)
+        if close is not None:
+            close()
