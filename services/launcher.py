@@ -35,11 +35,15 @@ class Proc:
     name: str
     popen: subprocess.Popen
     ready_url: str
+    grpc_address: str = ""
+
+    def describe(self) -> str:
+        return f"{self.name} pid={self.popen.pid} ready={self.ready_url} grpc={self.grpc_address or '-'}"
 
 
-def _spawn(name: str, args: list[str], ready_url: str) -> Proc:
+def _spawn(name: str, args: list[str], ready_url: str, grpc_address: str = "") -> Proc:
     cmd = [sys.executable, "-m", "glmserve.cli", *args]
-    return Proc(name, subprocess.Popen(cmd, start_new_session=True), ready_url)
+    return Proc(name, subprocess.Popen(cmd, start_new_session=True), ready_url, grpc_address)
 
 
 def _ready(url: str) -> bool:
@@ -57,13 +61,14 @@ def start(plan: LaunchPlan) -> list[Proc]:
     for i in range(plan.num_prefill):
         grpc_port, http_port = free_port(), free_port()
         procs.append(_spawn(f"prefill-{i}", ["prefill", *common, "--grpc-port", str(grpc_port),
-                                             "--http-port", str(http_port)], f"http://{plan.host}:{http_port}/ready"))
+                                             "--http-port", str(http_port)], f"http://{plan.host}:{http_port}/ready",
+                            f"{plan.host}:{grpc_port}"))
         prefill_addrs.append(f"{plan.host}:{grpc_port}")
     for i in range(plan.num_decode):
         grpc_port, http_port, kv_port = free_port(), free_port(), free_port()
         procs.append(_spawn(f"decode-{i}", ["decode", *common, "--grpc-port", str(grpc_port),
                                             "--http-port", str(http_port), "--kv-port", str(kv_port)],
-                            f"http://{plan.host}:{http_port}/ready"))
+                            f"http://{plan.host}:{http_port}/ready", f"{plan.host}:{grpc_port}"))
         decode_addrs.append(f"{plan.host}:{grpc_port}")
     procs.append(_spawn("router", ["router", "--model", plan.model, "--host", plan.host, "--port", str(plan.port),
                                    "--prefill", ",".join(prefill_addrs), "--decode", ",".join(decode_addrs),
@@ -102,6 +107,8 @@ def run_up(plan: LaunchPlan) -> int:
     procs = start(plan)
     try:
         wait_ready(procs, plan.ready_timeout)
+        for p in procs:
+            print(p.describe(), flush=True)
         print(f"glmserve is up: OpenAI API at http://{plan.host}:{plan.port}/v1 "
               f"({plan.num_prefill} prefill + {plan.num_decode} decode workers). Ctrl-C stops everything.",
               flush=True)
