@@ -87,7 +87,7 @@ class FA3AttentionBackend(AttentionBackend):
         cache = ctx.kv_caches[layer]
         store_kv_mla(cache, ctx.slot_mapping, latent, k_rope)
         rank = latent.shape[-1]
-        q_latent = absorb_query(q_nope, weights)
+        q_latent = absorb_query(q_nope, weights).contiguous()
         # The cache viewed as one KV head: k = rope slice [N, bs, 1, Dr], v = latent slice [N, bs, 1, R].
         o_latent = self._fa.flash_attn_with_kvcache(
             q_rope, cache[..., rank:].unsqueeze(2), cache[..., :rank].unsqueeze(2), qv=q_latent,
