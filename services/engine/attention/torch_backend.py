@@ -34,6 +34,18 @@ def causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
     return k_pos <= q_pos
 
 
+def padded_slots(ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots [B, Lmax] of every sequence's context, and the mask [B, Lmax] of real positions (decode steps
+    batch all sequences into one attention call instead of a Python loop)."""
+    lmax = max(ctx.seq_lens_cpu)
+    pos = torch.arange(lmax, device=ctx.block_tables.device)
+    bs = ctx.block_size
+    width = ctx.block_tables.shape[1]
+    blocks = ctx.block_tables[:, (pos // bs).clamp(max=width - 1)].long()
+    slots = blocks * bs + pos % bs
+    return slots, pos[None, :] < ctx.seq_lens[:, None].to(pos.device)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
@@ -50,6 +62,15 @@ class TorchAttentionBackend(AttentionBackend):
         store_paged(cache, 0, ctx.slot_mapping, k)
         store_paged(cache, 1, ctx.slot_mapping, v)
         group = q.shape[1] // hkv
+        if ctx.is_decode_only and ctx.num_seqs > 1:
+            slots, valid = padded_slots(ctx)
+            blocks, offsets = slots // bs, slots % bs
+            keys = cache[blocks, 0, offsets].to(q.dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+            vals = cache[blocks, 1, offsets].to(q.dtype).repeat_interleave(group, dim=2).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=valid[:, None, None, :],
+                                               scale=scale)  # [B, Hq, 1, D]
+            ctx.layer_done(layer)
+            return o.squeeze(2)
         out = torch.empty_like(q)
         for rows, slots, mask in self._sequences(ctx):
             blocks, offsets = slots // bs, slots % bs
@@ -68,6 +89,16 @@ class TorchAttentionBackend(AttentionBackend):
         rank = latent.shape[-1]
         # Absorb W_UK into the query: scores need only the latent, never the expanded keys.
         q_lat = torch.einsum("thn,hnr->thr", q_nope.float(), weights.w_uk.float())
+        if ctx.is_decode_only and ctx.num_seqs > 1:
+            slots, valid = padded_slots(ctx)
+            kv = flat[slots].float()  # [B, L, R + Dr]
+            c, kr = kv[..., :rank], kv[..., rank:]
+            scores = (torch.einsum("bhr,blr->bhl", q_lat, c)
+                      + torch.einsum("bhd,bld->bhl", q_rope.float(), kr)) * scale
+            probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
+            o_lat = torch.einsum("bhl,blr->bhr", probs, c)
+            ctx.layer_done(layer)
+            return torch.einsum("bhr,hvr->bhv", o_lat, weights.w_uv.float()).to(q_nope.dtype)
         out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], weights.w_uv.shape[1])
         for rows, slots, mask in self._sequences(ctx):
             kv = flat[slots].float()
