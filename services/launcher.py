@@ -103,6 +103,12 @@ def stop(procs: list[Proc], grace: float = 10.0) -> None:
             p.popen.wait()
 
 
+def serving(procs: list[Proc]) -> bool:
+    """The deployment can still answer: the router and at least one worker of each role are alive."""
+    alive = {p.name.split("-")[0] for p in procs if p.popen.poll() is None}
+    return {"router", "prefill", "decode"} <= alive
+
+
 def run_up(plan: LaunchPlan) -> int:
     procs = start(plan)
     try:
@@ -112,10 +118,14 @@ def run_up(plan: LaunchPlan) -> int:
         print(f"glmserve is up: OpenAI API at http://{plan.host}:{plan.port}/v1 "
               f"({plan.num_prefill} prefill + {plan.num_decode} decode workers). Ctrl-C stops everything.",
               flush=True)
-        while all(p.popen.poll() is None for p in procs):
+        reported: set[str] = set()
+        while serving(procs):
+            for p in procs:
+                if p.popen.poll() is not None and p.name not in reported:
+                    reported.add(p.name)  # the router routes around it; the rest keep serving
+                    print(f"{p.name} exited with code {p.popen.returncode}", file=sys.stderr, flush=True)
             time.sleep(0.5)
-        dead = [p.name for p in procs if p.popen.poll() is not None]
-        print(f"stopping: {', '.join(dead)} exited", file=sys.stderr)
+        print("stopping: the router or every worker of a role is gone", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
