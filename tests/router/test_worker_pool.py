@@ -1,0 +1,75 @@
+"""Worker choice without a network: prefix affinity for prefill, least loaded for decode, health."""
+
+import asyncio
+
+from glmserve.engine.block_pool import chain_hashes
+from glmserve.metrics import ServiceMetrics
+from glmserve.protos import worker_pb2 as pb
+from glmserve.router.discovery import StaticDiscovery
+from glmserve.router.worker_pool import Worker, WorkerPool
+
+
+def make_pool(policy="prefix-affinity"):
+    pool = WorkerPool(StaticDiscovery([], []), ServiceMetrics("router", "m"), policy=policy, affinity_slack_tokens=100)
+    return pool
+
+
+def add(pool, role, address, **load):
+    w = Worker(address, role, channel=None, stub=None, healthy=True, load=pb.LoadReport(block_size=4, **load))
+    pool.workers[(role, address)] = w
+    return w
+
+
+def test_prefill_goes_where_the_prefix_is_cached():
+    pool = make_pool()
+    pool.block_size = 4
+    prompt = list(range(40))
+    a = add(pool, "prefill", "a", queued_tokens=50)
+    b = add(pool, "prefill", "b", queued_tokens=0)
+    a.cached_hashes = frozenset(chain_hashes(prompt, 4)[:5])
+    assert pool.pick_prefill(prompt) is a
+    # Unless that worker is overloaded compared with the least loaded one.
+    a.load.queued_tokens = 10_000
+    assert pool.pick_prefill(prompt) is b
+
+
+def test_prefill_without_any_hit_is_least_queued_and_remembers_the_prefix():
+    pool = make_pool()
+    pool.block_size = 4
+    prompt = list(range(16))
+    add(pool, "prefill", "a", queued_tokens=30)
+    b = add(pool, "prefill", "b", queued_tokens=5)
+    assert pool.pick_prefill(prompt) is b
+    # The next request with the same prefix follows it there, before the next load poll.
+    b.load.queued_tokens = 60
+    assert pool.pick_prefill(prompt) is b
+
+
+def test_decode_prefers_free_blocks_then_fewer_running_and_skips_unhealthy():
+    pool = make_pool()
+    a = add(pool, "decode", "a", free_blocks=10, running_requests=0)
+    b = add(pool, "decode", "b", free_blocks=50, running_requests=9)
+    assert pool.pick_decode() is b
+    pool.mark_unhealthy(b)
+    assert pool.pick_decode() is a
+    assert pool.pick_decode(exclude={"a"}) is None
+
+
+def test_round_robin_cycles():
+    pool = make_pool("round-robin")
+    add(pool, "decode", "a")
+    add(pool, "decode", "b")
+    assert {pool.pick_decode().address for _ in range(4)} == {"a", "b"}
+
+
+def test_unreachable_worker_is_marked_unhealthy_by_the_poll():
+    pool = WorkerPool(StaticDiscovery(["127.0.0.1:1"], []), ServiceMetrics("router", "m"), poll_interval=0.2)
+
+    async def run():
+        await pool.poll()
+        healthy = pool.healthy("prefill")
+        for w in pool.workers.values():
+            await w.channel.close()
+        return healthy
+
+    assert asyncio.run(run()) == [] and len(pool.workers) == 1
