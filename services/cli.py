@@ -69,7 +69,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from glmserve.launcher import LaunchPlan, run_up
 
     model = resolve_model_arg(args.model, cache_dir())
+    # Local processes share the cores: oversubscribed torch threads slow every worker down.
+    threads = max(1, (os.cpu_count() or 1) // (args.prefill + args.decode))
     worker_args = ["--dtype", args.dtype, "--chunked-prefill-size", str(args.chunked_prefill_size),
+                   "--torch-threads", str(threads),
                    "--served-model-name", args.served_model_name or Path(model).name]
     if args.max_model_len:
         worker_args += ["--max-model-len", str(args.max_model_len)]

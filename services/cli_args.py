@@ -44,9 +44,15 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
     p.add_argument("--speculative-num-steps", type=int, default=1)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); `glmserve up` splits the cores among workers")
 
 
 def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     if args.tensor_parallel_size != 1:
         raise SystemExit("--tensor-parallel-size > 1 is not supported yet")
     if args.speculative_algorithm != "none":
