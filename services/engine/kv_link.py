@@ -2,10 +2,12 @@
 decode worker D, built without a global default group (each worker talks to many peers).
 
 D (rank 0) hosts a TCPStore; each link lives under its own PrefixStore named by D (the name carries an
-epoch, so a broken link is never reused). Headers always go over gloo: an idle gloo recv only waits,
-and a dead peer shows up as "connection closed" at once. Payloads go over NCCL when both ends hold
-their cache on CUDA (NCCL ops are only posted once a header said data is coming), else over the same
-gloo group, staged through host memory.
+epoch, so a broken link is never reused). Headers always go over gloo: a dead peer shows up there as
+"connection closed" at once, a stalled one as a recv timeout (P heartbeats keep an idle link inside
+it). Payloads go over NCCL when both ends hold their cache on CUDA, else over the same gloo group,
+staged through host memory. NCCL ops are only posted once a gloo header said data is coming, so an
+idle link never trips NCCL's watchdog. (The NCCL path needs two GPUs; CI exercises the shared code
+with gloo.)
 """
 
 from __future__ import annotations
@@ -149,29 +151,46 @@ class Channel:
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", link_store), rank, 2, nopts)
         # Payload buffers live where the data group can reach them.
         self.wire_device = device if self.backend == "nccl" else torch.device("cpu")
-        self._header = torch.zeros(8, dtype=torch.int64)
-        self._scratch = torch.empty(0, dtype=torch.uint8, device=self.wire_device)
+        self.header = torch.zeros(8, dtype=torch.int64)  # filled by the last completed header recv
+        self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.wire_device) for _ in range(2)]
 
-    def send_header(self, header: torch.Tensor) -> None:
-        self.ctrl.send([header], self.peer, _TAG).wait()
+    def post(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> "Sending":
+        """Start sending one message. Header and payload are posted together: no extra round trip."""
+        tensors = [header]
+        works = [self.ctrl.send([header], self.peer, _TAG)]
+        if payload is not None:
+            flat = payload.reshape(-1).view(torch.uint8)  # bytes: works for every dtype, fp8 included
+            if flat.device != self.wire_device:
+                flat = flat.to(self.wire_device)
+            tensors.append(flat)
+            works.append(self.data.send([flat], self.peer, _TAG))
+        return Sending(works, tensors, self.device if self.backend == "nccl" else None)
 
-    def recv_header(self) -> torch.Tensor:
-        self.ctrl.recv([self._header], self.peer, _TAG).wait()
-        return self._header
+    def send(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> None:
+        self.post(header, payload).wait()
 
-    def send_payload(self, payload: torch.Tensor) -> None:
-        flat = payload.reshape(-1).view(torch.uint8)  # bytes: works for every dtype, fp8 included
-        if flat.device != self.wire_device:
-            flat = flat.to(self.wire_device)
-        work = self.data.send([flat], self.peer, _TAG)
-        work.wait()
-        if self.backend == "nccl":
-            torch.cuda.current_stream(self.device).synchronize()  # buffer must outlive the send
+    def post_header_recv(self) -> dist.Work:
+        return self.ctrl.recv([self.header], self.peer, _TAG)
 
-    def recv_payload(self, nbytes: int) -> torch.Tensor:
-        """Receive nbytes into a reused buffer; valid until the next recv_payload."""
-        if self._scratch.numel() < nbytes:
-            self._scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device)
-        buf = self._scratch[:nbytes]
-        self.data.recv([buf], self.peer, _TAG).wait()  # on NCCL: orders the current stream after it
-        return buf
+    def post_payload_recv(self, nbytes: int, slot: int) -> tuple[dist.Work, torch.Tensor]:
+        """Receive into reused buffer `slot` (0 or 1): one can be scattered while the next one lands.
+        On NCCL, wait() orders the current stream after the receive."""
+        if self._buffers[slot].numel() < nbytes:
+            self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device)
+        buf = self._buffers[slot][:nbytes]
+        return self.data.recv([buf], self.peer, _TAG), buf
+
+
+@dataclass
+class Sending:
+    """A message on its way; its tensors must stay untouched until wait() returns."""
+
+    works: list
+    tensors: list[torch.Tensor]
+    nccl_device: torch.device | None
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        if self.nccl_device is not None:
+            torch.cuda.current_stream(self.nccl_device).synchronize()  # NCCL wait() only orders streams

@@ -10,6 +10,7 @@ cache before returning, so later steps may overwrite those slots; one thread per
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import logging
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from glmserve.engine.kv_link import (
-    D_RANK, P_RANK, Channel, KVLinkError, KVTransferCancelled, KVTransferError, LinkAddress, LinkEvent,
+    D_RANK, P_RANK, Channel, KVLinkError, Sending, KVTransferCancelled, KVTransferError, LinkAddress, LinkEvent,
     LinkObserver, connect_host, local_address_towards, notify,
 )
 from glmserve.engine.kv_wire import (
@@ -46,6 +47,14 @@ def _resolve(fut: Future, result=None, exc: BaseException | None = None) -> None
         fut.set_exception(exc) if exc is not None else fut.set_result(result)
     except InvalidStateError:
         pass
+
+
+def _side_stream(device: torch.device):
+    """On CUDA a link thread works on its own stream, so its copies never queue behind the model's kernels."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.cuda.set_device(device)
+    return torch.cuda.stream(torch.cuda.Stream(device))
 
 
 def _client_store(address: LinkAddress, connect_timeout_s: float) -> dist.TCPStore:
@@ -78,7 +87,7 @@ class KVSender:
 
     def __init__(self, address: LinkAddress, device: torch.device | str = "cpu", *, label: str | None = None,
                  timeout_s: float = 30.0, connect_timeout_s: float = 60.0, observer: LinkObserver | None = None,
-                 max_queued_bytes: int = 1 << 30, heartbeat_s: float | None = None, pool_bytes: int = 256 << 20):
+                 max_queued_bytes: int = 512 << 20, heartbeat_s: float | None = None, pool_bytes: int | None = None):
         self.address = address
         self._connect_timeout_s = connect_timeout_s
         self.label = label or f"{address.host}:{address.port}"
@@ -95,9 +104,9 @@ class KVSender:
         self._cancelled: OrderedDict[int, None] = OrderedDict()
         self._closing = False
         # Sent payload buffers are reused: fresh memory costs page faults (a gather into new memory was
-        # ~6x slower than into reused memory on CPU).
+        # ~6x slower than into reused memory on CPU). By default the pool keeps the queue's high-water mark.
         self._pool: list[torch.Tensor] = []
-        self._pool_bytes = pool_bytes
+        self._pool_bytes = max_queued_bytes if pool_bytes is None else pool_bytes
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{address.name}", daemon=True)
         self._thread.start()
 
@@ -133,8 +142,8 @@ class KVSender:
         """Future of the bytes sent for the transfer, done once all of it is on the wire."""
         fut: Future = Future()
         with self._cv:
-            if self.error is not None:
-                fut.set_exception(self.error)
+            if self.error is not None or self._closing:
+                fut.set_exception(self.error or KVLinkError(f"KV link {self.address} is closing"))
             elif transfer_id in self._cancelled:
                 fut.cancel()
             else:
@@ -216,33 +225,43 @@ class KVSender:
 
     def _run(self) -> None:
         try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            store = _client_store(self.address, self._connect_timeout_s)
-            gloo_host = local_address_towards(connect_host(self.address.host), self.address.port)
-            ch = Channel(store, self.address.name, P_RANK, self.device, self._timeout_s, gloo_host,
-                         self._connect_timeout_s, stop=lambda: self._closing)
-            self.backend = ch.backend
-            beat = self._heartbeat_s or min(self._timeout_s, ch.peer_info["timeout_s"]) / 4
-            while True:
-                msg = self._take(beat)
-                if msg is not None:
-                    self._send(ch, msg)
-                elif self._closing:
-                    ch.send_header(Header(CLOSE).encode())
-                    return
-                else:
-                    ch.send_header(Header(HEARTBEAT).encode())
+            with _side_stream(self.device):
+                self._serve()
         except Exception as e:  # noqa: BLE001 - any failure of the link ends it
             self._fail(e)
+        else:
+            self._fail(KVLinkError(f"KV link {self.address} closed"), quiet=True)
 
-    def _send(self, ch: Channel, msg: _Msg) -> None:
+    def _serve(self) -> None:
+        store = _client_store(self.address, self._connect_timeout_s)
+        gloo_host = local_address_towards(connect_host(self.address.host), self.address.port)
+        ch = Channel(store, self.address.name, P_RANK, self.device, self._timeout_s, gloo_host,
+                     self._connect_timeout_s, stop=lambda: self._closing)
+        self.backend = ch.backend
+        beat = self._heartbeat_s or min(self._timeout_s, ch.peer_info["timeout_s"]) / 4
+        # Two messages in flight: the next one is posted before the last one is confirmed, so D never
+        # waits for this thread to wake up between messages.
+        in_flight: deque[tuple[Sending, _Msg]] = deque()
+        while True:
+            msg = self._take(0 if in_flight else beat)
+            if msg is not None:
+                if msg.ready is not None:
+                    msg.ready.synchronize()
+                in_flight.append((ch.post(msg.header.encode(), msg.payload), msg))
+                if len(in_flight) > 1:
+                    self._sent(*in_flight.popleft())
+            elif in_flight:
+                self._sent(*in_flight.popleft())
+            elif self._closing:
+                ch.send(Header(CLOSE).encode())
+                return
+            else:
+                ch.send(Header(HEARTBEAT).encode())
+
+    def _sent(self, sending: Sending, msg: _Msg) -> None:
+        sending.wait()
         h = msg.header
-        if msg.ready is not None:
-            msg.ready.synchronize()
-        ch.send_header(h.encode())
         if msg.payload is not None:
-            ch.send_payload(msg.payload)
             self._recycle(msg.buffer)
             with self._cv:
                 self.bytes_sent += h.nbytes
@@ -256,7 +275,7 @@ class KVSender:
                 notify(self._observer, LinkEvent(self.label, "latency", "send", time.monotonic() - out.started))
                 _resolve(msg.future, out.bytes)
 
-    def _fail(self, e: Exception) -> None:
+    def _fail(self, e: Exception, quiet: bool = False) -> None:
         err = e if isinstance(e, KVLinkError) else KVLinkError(f"KV link {self.address} broke: {e}")
         with self._cv:
             self.error = err
@@ -264,8 +283,10 @@ class KVSender:
             self._open.clear()
             self._queue.clear()
             self._queued_bytes = 0
+            self._pool.clear()
             self._cv.notify_all()
-        log.warning("%s (%d transfers failed)", err, len(failed))
+        if not quiet or failed:
+            log.warning("%s (%d transfers failed)", err, len(failed))
         for out in failed:
             if out.future is not None:
                 _resolve(out.future, exc=err)
@@ -278,7 +299,7 @@ class KVLinkClient:
 
     def __init__(self, device: torch.device | str = "cpu", *, timeout_s: float = 30.0,
                  connect_timeout_s: float = 60.0, observer: LinkObserver | None = None,
-                 max_queued_bytes: int = 1 << 30):
+                 max_queued_bytes: int = 512 << 20):
         self._kw = dict(device=device, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
                         observer=observer, max_queued_bytes=max_queued_bytes)
         self._lock = threading.Lock()
@@ -432,31 +453,51 @@ class KVReceiver:
 
     def _run(self) -> None:
         try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            store = _client_store(self.address, self._connect_timeout_s)
-            ch = Channel(store, self.address.name, D_RANK, self.device, self._timeout_s, self.address.host,
-                         self._connect_timeout_s, stop=lambda: self._closed)
-            self.backend = ch.backend
-            self.connected.set()
-            while not self._closed:
-                h = Header.decode(ch.recv_header())
-                if h.kind == KV:
-                    self._on_kv(ch, h)
-                elif h.kind in (DONE, CANCEL):
-                    self._on_end(h)
-                elif h.kind == CLOSE:
-                    raise KVLinkError(f"KV link {self.address} closed by the prefill side")
-                elif h.kind != HEARTBEAT:
-                    raise ValueError(f"unknown KV link message kind {h.kind}")
+            with _side_stream(self.device):
+                self._serve()
         except Exception as e:  # noqa: BLE001 - any failure of the link ends it
             self._break(e)
 
-    def _on_kv(self, ch: Channel, h: Header) -> None:
-        payload = ch.recv_payload(h.nbytes)  # always drained, so the stream stays in step
+    def _serve(self) -> None:
+        store = _client_store(self.address, self._connect_timeout_s)
+        ch = Channel(store, self.address.name, D_RANK, self.device, self._timeout_s, self.address.host,
+                     self._connect_timeout_s, stop=lambda: self._closed)
+        self.backend = ch.backend
+        self.connected.set()
+        # A two-stage pipeline in one thread: the scatter of one payload runs while the next one lands.
+        header_work = ch.post_header_recv()
+        landed = None  # (header, payload) received but not scattered yet
+        slot = 0
+        while not self._closed:
+            if landed is not None and not header_work.is_completed():
+                self._scatter(*landed)  # nothing new yet: finish what we have before blocking
+                landed = None
+            header_work.wait()
+            h = Header.decode(ch.header)
+            if h.kind == KV:
+                payload_work, payload = ch.post_payload_recv(h.nbytes, slot)  # always drained: stays in step
+                slot ^= 1
+                header_work = ch.post_header_recv()  # gloo matches receives in posting order
+                if landed is not None:
+                    self._scatter(*landed)
+                payload_work.wait()
+                landed = (h, payload)
+                continue
+            if landed is not None:
+                self._scatter(*landed)
+                landed = None
+            if h.kind in (DONE, CANCEL):
+                self._on_end(h)
+            elif h.kind == CLOSE:
+                raise KVLinkError(f"KV link {self.address} closed by the prefill side")
+            elif h.kind != HEARTBEAT:
+                raise ValueError(f"unknown KV link message kind {h.kind}")
+            header_work = ch.post_header_recv()
+
+    def _scatter(self, h: Header, payload: torch.Tensor) -> None:
         done = bad = None
         with self._lock:
-            self.bytes_received += h.nbytes
+            self.bytes_received += h.nbytes  # counted here, with bytes_dropped, so the two always agree
             handle = self._pending.get(h.transfer_id)
             if handle is None:
                 self.bytes_dropped += h.nbytes
@@ -486,7 +527,8 @@ class KVReceiver:
             return
         missing = handle.coverage.remaining
         notify(self._observer, LinkEvent(self.label, "failure", "recv", 1))
-        _resolve(handle.future, exc=KVTransferError(f"transfer {h.transfer_id}: P finished, {missing} token-layers missing"))
+        err = KVTransferError(f"transfer {h.transfer_id}: P finished, {missing} token-layers missing")
+        _resolve(handle.future, exc=err)
 
     def _break(self, e: Exception) -> None:
         err = e if isinstance(e, KVLinkError) else KVLinkError(f"KV link {self.address} broke: {e}")
