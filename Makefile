@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test test-fast protos clean
+.PHONY: setup run demo test prometheus protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,8 +24,15 @@ run: setup
 demo: setup
 	$(BIN)/glmserve demo
 
-test: setup
+test: setup prometheus
 	$(BIN)/python -m pytest -q -ra --durations=15
+
+# The dashboard test scrapes the running services with a real Prometheus (Debian's package).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || \
+	    echo "prometheus could not be installed: its tests will skip"; \
+	  else echo "not root: install Debian's prometheus package to run the Prometheus tests"; fi; }
 
 protos: setup
 	$(BIN)/python -m glmserve.protos.generate

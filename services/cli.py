@@ -51,7 +51,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         from glmserve.router.discovery_k8s import KubernetesDiscovery
 
         discovery = KubernetesDiscovery(namespace=args.namespace, prefill_service=args.prefill_service,
-                                        decode_service=args.decode_service, grpc_port_name=args.grpc_port_name)
+                                        decode_service=args.decode_service, port_name=args.grpc_port_name)
     else:
         from glmserve.router.discovery import StaticDiscovery
 
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
                        help="address peers use to reach this worker (default: --host, or $POD_IP)")
         w.add_argument("--drain-timeout", type=float, default=30.0)
+        w.add_argument("--kv-transfer-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                       help="KV link: auto = NCCL when both ends are on CUDA, else gloo (host-staged)")
         if name == "decode":
             w.add_argument("--kv-port", type=int, default=29600)
             w.add_argument("--max-waiting-requests", type=int, default=256)

@@ -69,6 +69,8 @@ def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   chunked_prefill_size=args.chunked_prefill_size, max_model_len=args.max_model_len),
         show_progress=not args.no_progress,
+        enable_cuda_graph=not args.disable_cuda_graph,
+        cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
     )
 
 
@@ -79,7 +81,7 @@ def worker_config(args: argparse.Namespace, role: str, cache_dir: Path) -> Worke
         host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
         advertise_host=args.advertise_host or ("127.0.0.1" if args.host in ("0.0.0.0", "") else args.host),
         kv_port=getattr(args, "kv_port", 29600), max_waiting_requests=getattr(args, "max_waiting_requests", 256),
-        drain_timeout=args.drain_timeout,
+        drain_timeout=args.drain_timeout, kv_transfer_backend=args.kv_transfer_backend,
     )
 
 

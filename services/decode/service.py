@@ -76,7 +76,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.link_server = KVLinkServer(cfg.host if cfg.host not in ("localhost",) else "127.0.0.1", cfg.kv_port,
-                                        self.engine.device, timeout_s=cfg.kv_timeout,
+                                        cfg.kv_link_device(self.engine.device), timeout_s=cfg.kv_timeout,
                                         observer=prometheus_observer(metrics))
         self.admission = BlockAdmission(async_engine, cfg.max_waiting_requests, cfg.admission_timeout)
         self._channels: dict[str, grpc.aio.Channel] = {}

@@ -35,7 +35,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine = async_engine.engine
         self.metrics = metrics
         self.lifecycle = lifecycle
-        self.links = KVLinkClient(self.engine.device, timeout_s=cfg.kv_timeout, observer=prometheus_observer(metrics))
+        self.links = KVLinkClient(cfg.kv_link_device(self.engine.device), timeout_s=cfg.kv_timeout, observer=prometheus_observer(metrics))
         self.streamer = KVStreamer(self.engine.runner.kv_caches)
         self.engine.step_observer = self.streamer
 

@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 import kubernetes.client
+import kubernetes.config
 import kubernetes.watch
 
 from glmserve.router.discovery import WorkerDiscovery, WorkerSet
@@ -65,8 +66,6 @@ class KubernetesDiscovery(WorkerDiscovery):
     # -- WorkerDiscovery ------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._api_client is None:
-            import kubernetes.config
-
             kubernetes.config.load_incluster_config()
             self._api_client = kubernetes.client.ApiClient()
         self._api = kubernetes.client.DiscoveryV1Api(self._api_client)

@@ -17,7 +17,9 @@ from tests.serving.deployment import Deployment
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return build_tiny_model("glm4_moe", tmp_path_factory.mktemp("fail") / "model", seed=5)
+    # A long context, so the streams are still running when the worker is killed, even on a busy machine.
+    return build_tiny_model("glm4_moe", tmp_path_factory.mktemp("fail") / "model", seed=5,
+                            overrides={"max_position_embeddings": 8192})
 
 
 def _alive(pid: int) -> bool:
@@ -35,7 +37,7 @@ def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_
         model = "model"
 
         async def one_stream(i: int, started: asyncio.Event, kill_time: list[float]):
-            stream = await aclient.completions.create(model=model, prompt=list(range(10, 30 + i)), max_tokens=450,
+            stream = await aclient.completions.create(model=model, prompt=list(range(10, 30 + i)), max_tokens=6000,
                                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
             try:
                 async for _ in stream:
