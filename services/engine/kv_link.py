@@ -85,6 +85,7 @@ def prometheus_observer(metrics: "ServiceMetrics") -> LinkObserver:
     def observe(ev: LinkEvent) -> None:
         if ev.kind == "bytes":
             metrics.get("kv_transfer_bytes", link=ev.link, direction=ev.direction).inc(ev.value)
+            metrics.get("kv_transfer_failures", link=ev.link)  # the series exists (at 0) from the first transfer
         elif ev.kind == "latency":
             metrics.get("kv_transfer_latency_seconds", link=ev.link).observe(ev.value)
         else:

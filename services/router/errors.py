@@ -48,6 +48,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError):
         return error_response(exc.status, exc.message, exc.param, exc.code)
 
+    from glmserve.router.backend import BackendError
+
+    @app.exception_handler(BackendError)
+    async def _backend_error(_: Request, exc: BackendError):
+        return error_response(exc.status, str(exc))
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         message, param = _describe_validation(exc)

@@ -98,6 +98,8 @@ class ChoiceRun:
                 if isinstance(item, BaseException):
                     if isinstance(item, asyncio.CancelledError):
                         continue
+                    if isinstance(item, BackendError):
+                        self.timing.metrics.get("request_failure", error="backend").inc()
                     raise item
                 self.completion_tokens += len(item.token_ids)
                 self.timing.on_tokens(len(item.token_ids))
@@ -160,8 +162,7 @@ async def stream_with_timeout(events: AsyncIterator[str], timeout: float | None,
         metrics.get("request_failure", error="timeout").inc()
         yield sse(error_body(408, f"request timed out after {timeout:.0f}s"))
         yield sse("[DONE]")
-    except BackendError as exc:
-        metrics.get("request_failure", error="backend").inc()
+    except BackendError as exc:  # counted where it was raised (ChoiceRun)
         yield sse(error_body(exc.status, str(exc)))
         yield sse("[DONE]")
     except APIError as exc:

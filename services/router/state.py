@@ -38,6 +38,9 @@ class RouterState:
         from glmserve.router.reasoning_parser import get_reasoning_parser
         from glmserve.router.tool_parsers import get_tool_parser
 
+        for error in ("backend", "timeout"):  # failure series exist (at 0) before the first failure
+            metrics.get("request_failure", error=error)
+
         return cls(
             config=config,
             tokenizer=Tokenizer(config.model),
