@@ -76,7 +76,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                    "--served-model-name", args.served_model_name or Path(model).name]
     if args.max_model_len:
         worker_args += ["--max-model-len", str(args.max_model_len)]
-    router_args = ["--served-model-name", args.served_model_name or Path(model).name]
+    router_args = ["--served-model-name", args.served_model_name or Path(model).name,
+                   "--request-timeout", str(args.request_timeout)]
     for flag in ("tool_call_parser", "reasoning_parser"):
         if getattr(args, flag):
             router_args += ["--" + flag.replace("_", "-"), getattr(args, flag)]
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-model-len", type=int, default=None)
     u.add_argument("--chunked-prefill-size", type=int, default=8192)
     u.add_argument("--served-model-name", default=None)
+    u.add_argument("--request-timeout", type=float, default=600.0)
     u.add_argument("--tool-call-parser", choices=["glm45", "glm47"], default=None)
     u.add_argument("--reasoning-parser", choices=["glm45"], default=None)
     u.set_defaults(func=_cmd_up)

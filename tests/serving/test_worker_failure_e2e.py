@@ -53,7 +53,12 @@ def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
             kill_time[0] = time.monotonic()
             os.kill(victim_pid, signal.SIGKILL)
-            return await asyncio.wait_for(asyncio.gather(*tasks), 90)
+            # Streams on the dead worker must end soon; the others keep generating and are then dropped.
+            done, pending = await asyncio.wait(tasks, timeout=20)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            return [t.result() for t in done]
 
         outcomes = asyncio.run(run())
         errors = [t for kind, t in outcomes if kind == "error"]
@@ -71,3 +76,28 @@ def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids)
+
+
+def test_timed_out_request_is_cancelled_on_every_worker(model_dir):
+    import httpx
+
+    with Deployment(model_dir, prefill=1, decode=1, extra_args=("--dtype", "float32", "--request-timeout", "2")) as dep:
+        client = openai.OpenAI(base_url=dep.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        start = time.monotonic()
+        with pytest.raises(openai.APIError, match="timed out"):
+            for _ in client.completions.create(model="model", prompt=[5, 6, 7], max_tokens=6000, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True}):
+                pass
+        assert time.monotonic() - start < 15
+        with pytest.raises(openai.APIStatusError) as info:
+            client.completions.create(model="model", prompt=[5, 6, 7], max_tokens=6000, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert info.value.status_code == 408
+        deadline = time.monotonic() + 15
+        while True:
+            loads = httpx.get(dep.base_url + "/load", timeout=10).json()
+            if all(v["load"] and not v["load"].get("kv_usage") and not v["load"].get("running_requests")
+                   for v in loads.values()):
+                break
+            assert time.monotonic() < deadline, f"blocks still held after the timeout: {loads}"
+            time.sleep(0.3)
