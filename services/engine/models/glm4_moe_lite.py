@@ -7,98 +7,27 @@ The MTP layer (index num_hidden_layers) is mtp.py's container around this file's
 
 from __future__ import annotations
 
-from typing import Iterable
-
-import torch
-from torch import nn
-
 from glmserve.engine.attention.backend import AttentionBackend
-from glmserve.engine.attention.context import ForwardContext
 from glmserve.engine.config import ModelConfig
-from glmserve.engine.models.layers import Linear, RMSNorm, SwiGLUMLP
+from glmserve.engine.models.glm_base import GLMDecoderLayer, GLMForCausalLM
 from glmserve.engine.models.mla import MLAAttention
-from glmserve.engine.models.moe import MoE
-from glmserve.engine.models.mtp import MTPLayer, mtp_optional
 from glmserve.engine.models.rope import RotaryEmbedding
-from glmserve.engine.models.weight_utils import load_named_weights
 
 
-class Glm4MoeLiteDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend):
-        super().__init__()
-        self.self_attn = MLAAttention(cfg, layer_idx, backend)
-        # Layers past the decoder stack (the MTP layer) are MoE layers.
-        dense = layer_idx < len(cfg.dense_layers) and cfg.dense_layers[layer_idx]
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+class Glm4MoeLiteDecoderLayer(GLMDecoderLayer):
+    attention_cls = MLAAttention
 
 
-class Glm4MoeLiteModel(nn.Module):
+class Glm4MoeLiteForCausalLM(GLMForCausalLM):
+    layer_cls = Glm4MoeLiteDecoderLayer
+
+    @staticmethod
+    def make_rotary(cfg: ModelConfig) -> RotaryEmbedding:
+        # MLA rotates only the qk_rope_head_dim slices (each head's q and the shared key).
+        return RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, interleaved=cfg.rope_interleave,
+                               scaling=cfg.rope_scaling)
+
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
-        super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(
-            Glm4MoeLiteDecoderLayer(cfg, i, backend) for i in range(cfg.num_hidden_layers)
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # One table for all layers; MLA rotates only the qk_rope_head_dim slices (q's and the shared key).
-        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, interleaved=cfg.rope_interleave,
-                                      scaling=cfg.rope_scaling)
-
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype, ctx: ForwardContext | None = None):
-        """cos/sin [T, rope/2] of every new token, looked up once per step and shared by all layers (the
-        max position comes from the host copy of the sequence lengths: no device sync)."""
-        max_pos = max(ctx.seq_lens_cpu) - 1 if ctx is not None and ctx.seq_lens_cpu else None
-        return self.rotary.cos_sin(positions, dtype, max_pos)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype, ctx)
-        for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
-
-
-class Glm4MoeLiteForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
-        super().__init__()
         if not cfg.is_mla:
             raise ValueError(f"Glm4MoeLiteForCausalLM needs a glm4_moe_lite config, got arch={cfg.arch!r}")
-        self.cfg = cfg
-        self.backend = backend
-        self.model = Glm4MoeLiteModel(cfg, backend)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        self.tie_weights()
-        self.mtp: MTPLayer | None = None
-        if cfg.num_nextn_predict_layers > 0:
-            self.mtp = MTPLayer(cfg, backend, Glm4MoeLiteDecoderLayer, self.model.rotary)
-
-    def tie_weights(self) -> None:
-        """Share lm_head with the embeddings when the config ties them (again after the loader materialises
-        the model from meta, which un-shares parameters)."""
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Hidden states [T, H] after the final norm, for the flat batch of new tokens in `ctx`."""
-        return self.model(input_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF-named checkpoint tensors (experts per expert or stacked); returns our parameter names
-        loaded. Unknown names, wrong shapes and missing weights raise WeightLoadError. MTP weights are
-        optional: without them `self.mtp` becomes None."""
-        optional = mtp_optional(self.cfg.tie_word_embeddings)
-        loaded, _ = load_named_weights(self, weights, self.cfg, optional=optional)
-        if self.mtp is not None:
-            self.mtp = self.mtp.finish_loading(loaded, self.model.embed_tokens, self.lm_head)
-        return loaded
+        super().__init__(cfg, backend)
