@@ -262,3 +262,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     show_progress: bool = True
+    # Decode steps replay CUDA graphs captured for batch sizes up to this (capped by max_num_seqs); only on
+    # CUDA with a graph-safe attention backend (engine/cuda_graphs.py), eager everywhere else.
+    enable_cuda_graph: bool = True
+    cuda_graph_max_batch_size: int = 512

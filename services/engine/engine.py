@@ -38,13 +38,15 @@ class LLMEngine:
         self.loaded = loaded
         self.model_config: ModelConfig = loaded.config
         self.device = torch.device(loaded.device)
+        limit = cfg.scheduler.max_model_len or loaded.config.max_position_embeddings
+        self.max_model_len = min(limit, loaded.config.max_position_embeddings)
         self.runner = ModelRunner(loaded.model, loaded.config, loaded.model.backend, cfg.cache,
-                                  loaded.dtype, self.device)
+                                  loaded.dtype, self.device, enable_cuda_graph=cfg.enable_cuda_graph,
+                                  cuda_graph_max_batch_size=min(cfg.cuda_graph_max_batch_size, cfg.scheduler.max_num_seqs),
+                                  max_model_len=self.max_model_len)
         self.pool = BlockPool(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.pool)
         self.sampler = Sampler()
-        limit = cfg.scheduler.max_model_len or loaded.config.max_position_embeddings
-        self.max_model_len = min(limit, loaded.config.max_position_embeddings)
         self.requests: dict[str, Request] = {}
         self.reserved: dict[str, list[int]] = {}  # request id -> blocks awaiting a KV transfer
         self.default_eos = frozenset(loaded.config.eos_token_ids)

@@ -17,6 +17,7 @@ from torch import nn
 from glmserve.engine.attention.backend import AttentionBackend
 from glmserve.engine.config import ModelConfig
 from glmserve.engine.dtypes import resolve_device, resolve_dtype
+from glmserve.engine.fp8 import Fp8Layout, convert_to_fp8, load_fp8_weights, plan_fp8
 from glmserve.engine.models.registry import model_class
 from glmserve.engine.models.weight_utils import keep_router_fp32
 from glmserve.engine.presets import canonical_preset, preset_config
@@ -64,11 +65,17 @@ def _resolve_source(model: str, load_format: str) -> tuple[ModelConfig, Path | N
     return preset_config(preset), None, "dummy"
 
 
-def build_model(cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """An uninitialised model in `dtype` on `device` (router parameters in fp32)."""
+def build_model(cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device,
+                fp8_layout: Fp8Layout | None = None) -> nn.Module:
+    """An uninitialised model in `dtype` on `device` (router parameters in fp32); with `fp8_layout`, the
+    modules whose checkpoint weights are FP8 get FP8 weights (engine/fp8.py), converted before any memory
+    is allocated at full precision."""
     with torch.device("meta"):
         model = model_class(cfg.arch)(cfg, backend)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    if fp8_layout is not None:
+        convert_to_fp8(model, fp8_layout, cfg)
+    model = model.to_empty(device=device)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # to_empty un-shares tied parameters
     keep_router_fp32(model)
@@ -96,10 +103,14 @@ def load_model(
         from glmserve.engine.attention import registry
 
         backend = registry.create("auto", dev)
-    net = build_model(cfg, backend, torch_dtype, dev)
+    # FP8 checkpoints stay FP8 on GPUs with FP8 tensor cores; everywhere else they are dequantized.
+    fp8_layout = plan_fp8(cfg, dev, model_dir) if fmt != "dummy" else None
+    net = build_model(cfg, backend, torch_dtype, dev, fp8_layout=fp8_layout)
     with torch.no_grad():
         if fmt == "dummy":
             fill_dummy_weights(net, seed=seed)
+        elif fp8_layout is not None:
+            load_fp8_weights(net, model_dir, cfg, torch_dtype, show_progress=show_progress)
         else:
             net.load_weights(iterate_weights(model_dir, torch_dtype, show_progress=show_progress))
     return LoadedModel(model=net, config=cfg, model_dir=model_dir, dtype=torch_dtype, device=dev)

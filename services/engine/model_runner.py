@@ -1,7 +1,12 @@
-"""Turns scheduled chunks into one forward pass and returns logits for the rows that sample."""
+"""Turns scheduled chunks into one forward pass and returns logits for the rows that sample.
+
+On CUDA the model's hooks get the Triton kernels (kernel_selection.py) and decode-only steps replay
+CUDA graphs (cuda_graphs.py) when the backend allows it; every other step runs eagerly.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,8 +15,12 @@ import torch
 from glmserve.engine.attention.backend import AttentionBackend, KVCacheSpec
 from glmserve.engine.attention.context import ForwardContext, SeqChunk, build_context
 from glmserve.engine.config import CacheConfig, ModelConfig
+from glmserve.engine.cuda_graphs import DEFAULT_MAX_BATCH_SIZE, CudaGraphRunner, graph_unsafe_reason
+from glmserve.engine.kernel_selection import select_kernels
 from glmserve.engine.kv_cache import allocate_kv_caches, kv_cache_spec
 from glmserve.engine.scheduler import ScheduledChunk
+
+logger = logging.getLogger(__name__)
 
 
 def plan_num_blocks(spec: KVCacheSpec, num_layers: int, dtype: torch.dtype, device: torch.device,
@@ -38,7 +47,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, backend: AttentionBackend,
-                 cache_cfg: CacheConfig, dtype: torch.dtype, device: torch.device):
+                 cache_cfg: CacheConfig, dtype: torch.dtype, device: torch.device,
+                 enable_cuda_graph: bool = False, cuda_graph_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 max_model_len: int | None = None):
         self.model = model
         self.model_cfg = model_cfg
         self.backend = backend
@@ -47,11 +58,33 @@ class ModelRunner:
         self.spec = kv_cache_spec(model_cfg, cache_cfg.block_size)
         self.num_blocks = plan_num_blocks(self.spec, model_cfg.num_hidden_layers, dtype, device, cache_cfg)
         self.kv_caches = allocate_kv_caches(self.spec, model_cfg.num_hidden_layers, self.num_blocks, dtype, device)
+        self.kernels = select_kernels(model, device)
+        self.graphs: CudaGraphRunner | None = None
+        self.cuda_graph_disabled_reason: str | None = "disabled by configuration"
+        if enable_cuda_graph and cuda_graph_max_batch_size > 0:
+            self.cuda_graph_disabled_reason = graph_unsafe_reason(model, backend, device)
+            if self.cuda_graph_disabled_reason is None:
+                self.graphs = CudaGraphRunner(model, self.kv_caches, self.block_size, cuda_graph_max_batch_size,
+                                              max_model_len or model_cfg.max_position_embeddings, device)
+                try:
+                    self.graphs.capture()
+                except RuntimeError as e:  # e.g. an op that syncs: serve eagerly, and say why in the stats
+                    logger.warning("CUDA graph capture failed, decode runs eagerly: %s", e)
+                    self.graphs, self.cuda_graph_disabled_reason = None, f"capture failed: {e}"
+
+    def cuda_graph_stats(self) -> dict:
+        """Capture time and memory of the decode graphs (what the benchmarks print), or why there are none."""
+        if self.graphs is None:
+            return {"enabled": False, "reason": self.cuda_graph_disabled_reason}
+        return {"enabled": True, **self.graphs.stats.as_dict(), "num_replays": self.graphs.num_replays}
 
     def build_context(self, chunks: list[ScheduledChunk],
                       on_layer_done: Callable[[int], None] | None = None) -> ForwardContext:
-        seqs = [SeqChunk(c.request.block_ids, c.request.num_computed_tokens, c.num_new_tokens) for c in chunks]
-        return build_context(seqs, self.block_size, self.kv_caches, self.device, on_layer_done)
+        return build_context(self._seqs(chunks), self.block_size, self.kv_caches, self.device, on_layer_done)
+
+    @staticmethod
+    def _seqs(chunks: list[ScheduledChunk]) -> list[SeqChunk]:
+        return [SeqChunk(c.request.block_ids, c.request.num_computed_tokens, c.num_new_tokens) for c in chunks]
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None,
@@ -60,10 +93,16 @@ class ModelRunner:
         for c in chunks:
             r = c.request
             ids += r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + c.num_new_tokens]
-        ctx = self.build_context(chunks, on_layer_done)
-        self.backend.prepare(ctx)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, ctx.positions, ctx)
+        seqs = self._seqs(chunks)
+        if self.graphs is not None and on_layer_done is None and self.graphs.can_run(seqs):
+            hidden = self.graphs.run(ids, seqs)
+            if keep_hidden:
+                hidden = hidden.clone()  # the graph's output buffer is overwritten by the next replay
+        else:
+            ctx = build_context(seqs, self.block_size, self.kv_caches, self.device, on_layer_done)
+            self.backend.prepare(ctx)
+            input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+            hidden = self.model(input_ids, ctx.positions, ctx)
         ends, sample_chunks, end = [], [], 0
         for c in chunks:
             end += c.num_new_tokens

@@ -50,6 +50,12 @@ class MLAWeights:
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    # True when decode-only steps through gqa()/mla() may be captured in a CUDA graph and replayed
+    # (engine/cuda_graphs.py): no host syncs and no host-side planning whose result depends on the step;
+    # every per-step value (positions, slots, seq_lens, block tables) read from the ctx device tensors,
+    # whose addresses stay fixed across replays. Host lengths (ctx.seq_lens_cpu) may only size launches
+    # (split-KV): at capture they hold an upper bound, not the real lengths. prepare() runs at capture only.
+    supports_cuda_graphs: bool = False
 
     def prepare(self, ctx: ForwardContext) -> None:
         """Once per step, before the first layer (plan kernels, build masks)."""

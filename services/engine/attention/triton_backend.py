@@ -45,6 +45,8 @@ def expand_output(o_latent: torch.Tensor, weights: MLAWeights) -> torch.Tensor:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    # The kernels read lengths and tables from the device and sync nothing; host lengths only pick splits.
+    supports_cuda_graphs = True
 
     def __init__(self, num_splits: int | None = None):
         # None: split-KV chosen per step from the device and the batch (decode only); tests force it.

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# What issue 5 needs from a GPU machine, one step per call (each fits the device tool's 10-minute limit).
+# Run from the repository root on the GPU machine:
+#     bash benchmarks/gpu_session.sh STEP OUT_DIR
+# STEP: tests | ceilings | kernels | decode | decode-fp8 | prefill.  Writes STEP's JSON and log to OUT_DIR.
+set -u -o pipefail
+step=${1:?usage: gpu_session.sh tests|ceilings|kernels|decode|decode-fp8|prefill OUT_DIR}
+out=${2:?usage: gpu_session.sh STEP OUT_DIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# The image has torch, triton, transformers, safetensors, pytest: install glmserve itself only, offline.
+python3 -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict >"$out/pip.log" 2>&1 \
+  || { cat "$out/pip.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+case $step in
+  tests)      python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/engine tests/kernels 2>&1 | tee "$out/gpu_tests.log" ;;
+  ceilings)   python3 benchmarks/ceilings.py --out "$out/ceilings.json" 2>&1 | tee "$out/ceilings.log" ;;
+  kernels)    python3 benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" ;;
+  decode)     python3 benchmarks/decode_bench.py --out "$out/decode.json" 2>&1 | tee "$out/decode.log" ;;
+  decode-fp8) python3 benchmarks/decode_bench.py --fp8 --batches 1,64 --out "$out/decode_fp8.json" 2>&1 | tee "$out/decode_fp8.log" ;;
+  prefill)    python3 benchmarks/prefill_bench.py --out "$out/prefill.json" 2>&1 | tee "$out/prefill.log" ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac

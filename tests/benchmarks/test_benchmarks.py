@@ -1,0 +1,84 @@
+"""The GPU benchmarks in benchmarks/: the roofline numbers against DESIGN.md §6, the smoke mode of every
+script (`--device cpu --tiny`: same code at toy shapes, JSON written), and the fast "needs CUDA" stop of
+a full run on a machine without a GPU."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+SCRIPTS = ["ceilings", "kernel_bench", "decode_bench", "prefill_bench"]
+sys.path.insert(0, str(BENCH))
+
+import roofline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def flash():
+    from glmserve.engine.presets import preset_config
+
+    return preset_config("GLM-4.7-Flash")
+
+
+def test_decode_bytes_match_the_design_yardsticks(flash):
+    one = roofline.decode_bytes(flash, batch=1, context=1024)
+    assert 6.9e9 < one["total"] < 7.5e9  # DESIGN §6: ~7.2 GB per step at batch 1
+    assert one["experts_touched_per_layer"] == pytest.approx(flash.num_experts_per_tok)
+    b64 = roofline.decode_bytes(flash, batch=64, context=1024)
+    assert 59e9 < b64["total"] < 65e9  # ~62 GB: nearly every expert is touched
+    assert b64["experts_touched_per_layer"] > 0.95 * flash.n_routed_experts
+    assert b64["kv"] == 64 * 1025 * 576 * 2 * flash.num_hidden_layers
+    fp8 = roofline.decode_bytes(flash, batch=1, context=1024, weight_bytes=1)
+    assert 0.5 * one["weights"] < fp8["weights"] < 0.6 * one["weights"]  # lm_head, kv_b_proj, router stay wide
+
+
+def test_prefill_flops_match_the_design_yardstick(flash):
+    f = roofline.prefill_flops(flash, chunk=1024)
+    assert 6.5e9 < f["total"] / 1024 < 8.5e9  # DESIGN §6: ~7 GFLOP per token at 1k context
+    longer = roofline.prefill_flops(flash, chunk=8192)
+    # per token, causal attention grows with the chunk (the W_UK / W_UV absorption part does not)
+    assert longer["attention"] / 8192 > 4 * f["attention"] / 1024
+    assert longer["linear"] / 8192 == pytest.approx(f["linear"] / 1024, rel=1e-3)
+
+
+def test_expected_experts_touched():
+    assert roofline.expected_experts_touched(64, 4, 1) == pytest.approx(4)
+    assert roofline.expected_experts_touched(64, 4, 0) == 0
+    assert 63 < roofline.expected_experts_touched(64, 4, 256) <= 64
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_smoke_mode_runs_and_writes_json(script, tmp_path):
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--device", "cpu", "--tiny", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    env = data["environment"]
+    assert data["tiny"] is True and env["torch"] == torch.__version__ and "git_commit" in env and "triton" in env
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
+    if script != "ceilings":
+        timed = [r for r in data["rows"] if r.get("runs_ms")]
+        assert timed and all(len(r["runs_ms"]) == 2 for r in timed)
+    assert "wrote" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_full_run_without_cuda_stops_with_a_clear_message(script, tmp_path):
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "x.json")])
+    assert "needs CUDA" in str(stop.value.code) and "--device cpu --tiny" in str(stop.value.code)
+    assert not (tmp_path / "x.json").exists()
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cpu"])
+    assert "only with --tiny" in str(stop.value.code)
