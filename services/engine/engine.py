@@ -32,7 +32,8 @@ class LLMEngine:
         if loaded is None:
             device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                                   ("cpu" if cfg.device == "auto" else cfg.device))
-            backend = attention_registry.create(cfg.prefill_attention_backend, device)
+            backend = attention_registry.create_for_roles(cfg.prefill_attention_backend,
+                                                        cfg.decode_attention_backend, device)
             loaded = load_model(cfg.model, dtype=cfg.dtype, device=str(device), load_format=cfg.load_format,
                                 backend=backend, show_progress=cfg.show_progress)
         self.loaded = loaded

@@ -209,3 +209,45 @@ def test_gpu_backend_matches_torch(name, kind, dims):
 def test_auto_on_this_gpu_builds_a_gpu_backend():
     backend = registry.create("auto", torch.device("cuda"))
     assert backend.name in {"fa3", "flashinfer", "triton"}
+
+
+def test_roles_share_one_backend_on_cpu_and_split_when_asked():
+    from glmserve.engine.attention.registry import create_for_roles
+    from glmserve.engine.attention.split_backend import SplitAttentionBackend
+    from glmserve.engine.attention.torch_backend import TorchAttentionBackend
+
+    assert isinstance(create_for_roles("auto", "auto", torch.device("cpu")), TorchAttentionBackend)
+    with pytest.raises(ValueError, match="prefill backend"):
+        create_for_roles("auto", "fa3", torch.device("cpu"))
+    with pytest.raises(ValueError, match="cannot run"):
+        create_for_roles("auto", "flashinfer", torch.device("cpu"))
+
+
+def test_split_backend_routes_decode_only_steps_to_the_decode_backend():
+    from glmserve.engine.attention.split_backend import SplitAttentionBackend
+    from glmserve.engine.attention.torch_backend import TorchAttentionBackend
+
+    calls = []
+
+    class Recording(TorchAttentionBackend):
+        def __init__(self, tag):
+            self.name = tag
+
+        def gqa(self, layer, q, k, v, ctx, scale):
+            calls.append(self.name)
+            return q
+
+    split = SplitAttentionBackend(Recording("prefill"), Recording("decode"))
+
+    class Ctx:
+        def __init__(self, lens):
+            self.query_lens_cpu = lens
+
+        @property
+        def is_decode_only(self):
+            return all(q == 1 for q in self.query_lens_cpu)
+
+    q = torch.zeros(2, 1, 1)
+    split.gqa(0, q, q, q, Ctx([1, 1]), 1.0)
+    split.gqa(0, q, q, q, Ctx([1, 5]), 1.0)
+    assert calls == ["decode", "prefill"] and split.name == "prefill+decode"

@@ -107,3 +107,29 @@ def create(name: str, device: torch.device) -> AttentionBackend:
         return _FACTORIES[resolved]()
     except capability.BackendUnavailable as e:  # e.g. the library is present but fails to import
         raise ValueError(f"attention backend {resolved!r} cannot run on device {str(torch.device(device))!r}: {e}") from e
+
+
+# Decode: graph-capturable first (CUDA graphs matter most for small decode batches).
+DECODE_AUTO_ORDER_CUDA = ("triton", "flashinfer")
+
+
+def resolve_decode(name: str, device: torch.device) -> str:
+    device = torch.device(device)
+    if name != "auto" or device.type != "cuda":
+        return resolve(name, device)
+    for candidate in DECODE_AUTO_ORDER_CUDA:
+        if candidate in _FACTORIES and unavailable_reason(candidate, device) is None:
+            return candidate
+    return "torch"
+
+
+def create_for_roles(prefill: str, decode: str, device: torch.device) -> AttentionBackend:
+    """The engine's backend: one instance when both roles resolve to the same backend, else a split."""
+    from glmserve.engine.attention.split_backend import SplitAttentionBackend
+
+    if decode == "fa3":
+        raise ValueError("fa3 is a prefill backend; decode backends: flashinfer, triton, torch")
+    p, d = resolve(prefill, device), resolve_decode(decode, device)
+    if p == d:
+        return create(p, device)
+    return SplitAttentionBackend(create(p, device), create(d, device))
