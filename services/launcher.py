@@ -109,7 +109,15 @@ def serving(procs: list[Proc]) -> bool:
     return {"router", "prefill", "decode"} <= alive
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def run_up(plan: LaunchPlan) -> int:
+    # Ctrl-C, `kill` and a closed terminal all stop every process we start (they run in their own
+    # sessions, so nothing else would reach them); SIGINT may arrive ignored when started in background.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     procs = start(plan)
     try:
         wait_ready(procs, plan.ready_timeout)

@@ -101,3 +101,11 @@ def test_timed_out_request_is_cancelled_on_every_worker(model_dir):
                 break
             assert time.monotonic() < deadline, f"blocks still held after the timeout: {loads}"
             time.sleep(0.3)
+        # `kill` (SIGTERM) on the launcher stops everything it started, like Ctrl-C.
+        pids = [pid for pid, _, _ in dep.processes.values()]
+        dep._proc.send_signal(signal.SIGTERM)
+        assert dep._proc.wait(20) == 0
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
