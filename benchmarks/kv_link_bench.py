@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from glmserve.engine.kv_transfer import KVLinkClient, KVLinkServer
+from glmserve.engine.kv_receiver import KVLinkServer
+from glmserve.engine.kv_sender import KVLinkClient
 
 GiB = 1 << 30
 RAW_BIG = 64 << 20

@@ -12,7 +12,7 @@ import grpc
 
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.kv_link import KVTransferError, prometheus_observer
-from glmserve.engine.kv_transfer import KVLinkServer
+from glmserve.engine.kv_receiver import KVLinkServer
 from glmserve.metrics import ServiceMetrics
 from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc

@@ -12,13 +12,15 @@ with gloo.)
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import socket
 import time
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
@@ -195,3 +197,30 @@ class Sending:
             work.wait()
         if self.nccl_device is not None:
             torch.cuda.current_stream(self.nccl_device).synchronize()  # NCCL wait() only orders streams
+
+
+# -- helpers shared by the two ends of a link ---------------------------------------------------
+
+BlockIds = Sequence[int] | torch.Tensor
+
+
+def resolve_future(fut: Future, result=None, exc: BaseException | None = None) -> None:
+    """Complete a future unless someone cancelled it meanwhile."""
+    try:
+        fut.set_exception(exc) if exc is not None else fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def side_stream(device: torch.device):
+    """On CUDA a link thread works on its own stream, so its copies never queue behind the model's kernels."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.cuda.set_device(device)
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
+
+def client_store(address: LinkAddress, connect_timeout_s: float) -> dist.TCPStore:
+    # One store connection per link: TCPStore serialises a client's calls, and link setup blocks in get().
+    td = datetime.timedelta(seconds=connect_timeout_s)
+    return dist.TCPStore(connect_host(address.host), address.port, None, False, td)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from glmserve.engine.kv_transfer import KVSender
+from glmserve.engine.kv_sender import KVSender
 
 
 @dataclass

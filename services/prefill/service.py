@@ -11,7 +11,7 @@ import grpc
 
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.kv_link import KVTransferError, LinkAddress, prometheus_observer
-from glmserve.engine.kv_transfer import KVLinkClient
+from glmserve.engine.kv_sender import KVLinkClient
 from glmserve.metrics import ServiceMetrics
 from glmserve.prefill.kv_streamer import KVStreamer, Transfer
 from glmserve.protos import worker_pb2 as pb

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from glmserve.engine.kv_link import KVLinkError, KVTransferCancelled, LinkEvent, prometheus_observer
-from glmserve.engine.kv_transfer import KVLinkClient, KVLinkServer, _Coverage
+from glmserve.engine.kv_receiver import KVLinkServer, _Coverage
+from glmserve.engine.kv_sender import KVLinkClient
 from glmserve.engine.kv_wire import KV, Header, block_size_of, gather_tokens, scatter_tokens, token_slots
 from glmserve.metrics import ServiceMetrics
 
