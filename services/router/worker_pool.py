@@ -34,10 +34,14 @@ class Worker:
     cached_hashes: frozenset[int] = field(default_factory=frozenset)
     inflight: int = 0  # requests the router sent here that have not finished
 
-    def score_free(self) -> tuple:
-        free = self.load.free_blocks if self.load else 0
-        running = self.load.running_requests if self.load else 0
-        return (-free, running + self.inflight)
+    def decode_score(self) -> tuple:
+        """Lower is better: KV usage in 10% steps (so near-equal workers are not told apart by a few
+        blocks), then requests in flight, then free blocks."""
+        load = self.load
+        total = load.total_blocks if load and load.total_blocks else 1
+        free = load.free_blocks if load else 0
+        running = (load.running_requests + load.waiting_requests) if load else 0
+        return (int(10 * (1 - free / total)), running + self.inflight, -free)
 
 
 class WorkerPool:
@@ -127,7 +131,7 @@ class WorkerPool:
             return None
         if self.policy == "round-robin":
             return pool[next(self._rr) % len(pool)]
-        return min(pool, key=Worker.score_free)
+        return min(pool, key=Worker.decode_score)
 
     def pick_prefill(self, prompt: list[int]) -> Worker | None:
         pool = self.healthy("prefill")

@@ -45,11 +45,16 @@ def test_prefill_without_any_hit_is_least_queued_and_remembers_the_prefix():
     assert pool.pick_prefill(prompt) is b
 
 
-def test_decode_prefers_free_blocks_then_fewer_running_and_skips_unhealthy():
+def test_decode_prefers_free_kv_then_fewer_requests_and_skips_unhealthy():
     pool = make_pool()
-    a = add(pool, "decode", "a", free_blocks=10, running_requests=0)
-    b = add(pool, "decode", "b", free_blocks=50, running_requests=9)
+    a = add(pool, "decode", "a", free_blocks=10, total_blocks=100, running_requests=0)
+    b = add(pool, "decode", "b", free_blocks=50, total_blocks=100, running_requests=9)
     assert pool.pick_decode() is b
+    # Within the same 10% of KV usage, requests in flight decide, so a burst spreads over both.
+    a.load.free_blocks, b.load.free_blocks, b.load.running_requests = 98, 99, 0
+    first = pool.pick_decode()
+    first.inflight += 1
+    assert pool.pick_decode() is not first
     pool.mark_unhealthy(b)
     assert pool.pick_decode() is a
     assert pool.pick_decode(exclude={"a"}) is None
