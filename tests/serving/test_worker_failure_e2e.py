@@ -23,7 +23,12 @@ def model_dir(tmp_path_factory):
 
 
 def busiest_decode_pid(dep) -> int:
-    """The decode worker running the most requests right now (the router's view of its load)."""
+    return _busiest_with_at_least(dep, 6)
+
+
+def _busiest_with_at_least(dep, expected: int) -> int:
+    """The decode worker running the most requests right now (the router's view of its load), once the
+    reports show `expected` running requests in all."""
     import httpx
 
     deadline = time.monotonic() + 10
@@ -31,7 +36,7 @@ def busiest_decode_pid(dep) -> int:
         loads = httpx.get(dep.base_url + "/load", timeout=10).json()
         running = {key.split(":", 1)[1]: (v["load"] or {}).get("running_requests", 0)
                    for key, v in loads.items() if key.startswith("decode:")}
-        if sum(running.values()) >= 6 or time.monotonic() > deadline:
+        if sum(running.values()) >= expected or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     by_grpc = {grpc: pid for name, (pid, _, grpc) in dep.processes.items() if name.startswith("decode")}
@@ -124,3 +129,27 @@ def test_timed_out_request_is_cancelled_on_every_worker(model_dir):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids)
+
+
+def test_draining_decode_worker_finishes_its_streams_and_leaves_the_pool(model_dir):
+    with Deployment(model_dir, prefill=1, decode=2, extra_args=("--dtype", "float32")) as dep:
+        client = openai.OpenAI(base_url=dep.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+        stream = client.completions.create(model="model", prompt=[3, 4, 5, 6], max_tokens=300, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        victim = _busiest_with_at_least(dep, 1)
+        os.kill(victim, signal.SIGTERM)  # what Kubernetes sends before deleting a pod
+        finish = None
+        for chunk in chunks:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        assert finish == "length"  # the running request was finished, not dropped
+        deadline = time.monotonic() + 30
+        while _alive(victim) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(victim)
+        for i in range(3):  # the router no longer sends anything to the drained worker
+            r = client.completions.create(model="model", prompt=[9, i + 1], max_tokens=3, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            assert r.choices[0].finish_reason == "length"
