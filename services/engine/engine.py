@@ -13,6 +13,7 @@ import torch
 from glmserve.engine.attention import registry as attention_registry
 from glmserve.engine.block_pool import BlockPool
 from glmserve.engine.config import EngineConfig, ModelConfig
+from glmserve.engine.dtypes import resolve_device
 from glmserve.engine.loader import LoadedModel, load_model
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.outputs import EngineOutput
@@ -30,8 +31,7 @@ class LLMEngine:
     def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None):
         self.cfg = cfg
         if loaded is None:
-            device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                  ("cpu" if cfg.device == "auto" else cfg.device))
+            device = resolve_device(cfg.device)
             backend = attention_registry.create_for_roles(cfg.prefill_attention_backend,
                                                         cfg.decode_attention_backend, device)
             loaded = load_model(cfg.model, dtype=cfg.dtype, device=str(device), load_format=cfg.load_format,
