@@ -65,8 +65,8 @@ class DisaggregatedBackend(GenerationBackend):
                         status = 400 if chunk.status.code in (pb.ERROR_CODE_INVALID_REQUEST,
                                                               pb.ERROR_CODE_PROMPT_TOO_LONG) else None
                         raise BackendError(chunk.status.message, retriable=chunk.status.retriable, status=status)
-                    if prefill.inflight > 0 and not delivered:
-                        prefill.inflight -= 1
+                    if not delivered:  # the prompt is prefilled once D streams: P's share of it is done
+                        prefill.inflight = max(0, prefill.inflight - 1)
                         delivered = True
                     finished = chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED
                     yield TokenDelta(
