@@ -212,3 +212,20 @@ def spec_bandwidth_gbps(gpu_name: str | None) -> float | None:
         if gpu_name and key in gpu_name:
             return value
     return None
+
+
+def ceilings_then_model(cfg, device: torch.device, dtype: torch.dtype, backend_name: str, args: argparse.Namespace):
+    """The ceilings measured in the same run, then the dummy model (FP8 when --fp8), timed:
+    (ceilings, model, backend, load seconds)."""
+    from ceilings import measure
+
+    ceilings = measure(device, args.tiny, args.warmup, args.iters)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the ceiling buffers (GiBs) go back before the model takes its ~60 GB
+    t0 = time.perf_counter()
+    model, backend = load_dummy_model(cfg, device, dtype, backend_name)
+    if args.fp8:
+        from glmserve.engine.fp8 import quantize_model_fp8
+
+        quantize_model_fp8(model)
+    return ceilings, model, backend, time.perf_counter() - t0

@@ -13,13 +13,12 @@ logits), timed to completion. The same runner and KV cache serve both modes (gra
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from bench_common import (
-    add_common_args, environment, load_dummy_model, make_chunks, print_table, resolve_device, spec_bandwidth_gbps,
-    time_fn, tiny_flash_config, write_json,
+    add_common_args, ceilings_then_model, environment, make_chunks, print_table, resolve_device,
+    spec_bandwidth_gbps, time_fn, tiny_flash_config, write_json,
 )
 from roofline import decode_bytes
 
@@ -51,18 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     ctx, block_size = args.context or default_ctx, 16
     backend_name = args.backend or ("torch" if device.type == "cpu" else "triton")
 
-    from ceilings import measure
-
-    ceilings = measure(device, args.tiny, args.warmup, args.iters)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the ceiling buffers (GiBs) go back before the model takes its ~60 GB
-    t0 = time.perf_counter()
-    model, backend = load_dummy_model(cfg, device, dtype, backend_name)
-    if args.fp8:
-        from glmserve.engine.fp8 import quantize_model_fp8
-
-        quantize_model_fp8(model)
-    load_s = time.perf_counter() - t0
+    ceilings, model, backend, load_s = ceilings_then_model(cfg, device, dtype, backend_name, args)
     pages = -(-(ctx + 1) // block_size)
     runner = ModelRunner(model, cfg, backend, CacheConfig(block_size=block_size, num_blocks=max(batches) * pages + 1),
                          dtype, device, enable_cuda_graph=not args.no_graphs, cuda_graph_max_batch_size=max(batches),

@@ -12,12 +12,11 @@ last token only), timed to completion.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from bench_common import (
-    add_common_args, environment, load_dummy_model, make_chunks, print_table, resolve_device, time_fn,
+    add_common_args, ceilings_then_model, environment, make_chunks, print_table, resolve_device, time_fn,
     tiny_flash_config, write_json,
 )
 from roofline import prefill_flops
@@ -48,18 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     backend_name = registry.resolve(args.backend or "auto", device)
     block_size = 16
 
-    from ceilings import measure
-
-    ceilings = measure(device, args.tiny, args.warmup, args.iters)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the ceiling buffers (GiBs) go back before the model takes its ~60 GB
-    t0 = time.perf_counter()
-    model, backend = load_dummy_model(cfg, device, dtype, backend_name)
-    if args.fp8:
-        from glmserve.engine.fp8 import quantize_model_fp8
-
-        quantize_model_fp8(model)
-    load_s = time.perf_counter() - t0
+    ceilings, model, backend, load_s = ceilings_then_model(cfg, device, dtype, backend_name, args)
     pages = -(-max(chunk_sizes) // block_size)
     runner = ModelRunner(model, cfg, backend, CacheConfig(block_size=block_size, num_blocks=pages + 1), dtype, device)
 
