@@ -22,6 +22,8 @@ from glmserve.router.discovery import WorkerDiscovery
 
 log = logging.getLogger(__name__)
 
+MAX_MISSED_POLLS = 3
+
 
 @dataclass
 class Worker:
@@ -33,6 +35,7 @@ class Worker:
     load: pb.LoadReport | None = None
     cached_hashes: frozenset[int] = field(default_factory=frozenset)
     inflight: int = 0  # requests the router sent here that have not finished
+    failed_polls: int = 0  # consecutive load polls that failed
 
     def decode_score(self) -> tuple:
         """Lower is better: KV usage in 10% steps (so near-equal workers are not told apart by a few
@@ -80,8 +83,14 @@ class WorkerPool:
                 self.block_size = report.block_size
             if w.role == "prefill":
                 w.cached_hashes = frozenset(report.cached_block_hashes)
-        except grpc.aio.AioRpcError:
-            w.healthy = False
+        except grpc.aio.AioRpcError as exc:
+            # A refused connection means the worker is gone; a slow answer from a busy worker is not
+            # enough to drop it (its streams are still flowing) unless it keeps missing polls.
+            w.failed_polls += 1
+            if exc.code() == grpc.StatusCode.UNAVAILABLE or w.failed_polls >= MAX_MISSED_POLLS:
+                w.healthy = False
+        else:
+            w.failed_polls = 0
         self.metrics.get("worker_healthy", worker=w.address, worker_role=w.role).set(1 if w.healthy else 0)
 
     async def poll(self) -> None:

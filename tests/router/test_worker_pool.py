@@ -78,3 +78,37 @@ def test_unreachable_worker_is_marked_unhealthy_by_the_poll():
         return healthy
 
     assert asyncio.run(run()) == [] and len(pool.workers) == 1
+
+
+class _FlakyStub:
+    """GetLoad fails with the given codes in turn (None = answers with a serving load report)."""
+
+    def __init__(self, codes):
+        self.codes = list(codes)
+
+    async def GetLoad(self, request, timeout=None):
+        import grpc
+
+        code = self.codes.pop(0)
+        if code is None:
+            return pb.LoadReport(state=pb.SERVING_STATE_SERVING, block_size=4)
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "test")
+
+
+def test_a_slow_poll_does_not_drop_a_busy_worker_but_repeated_misses_and_refusals_do():
+    import grpc
+
+    pool = make_pool()
+    slow = grpc.StatusCode.DEADLINE_EXCEEDED
+    w = Worker("a", "decode", channel=None, stub=_FlakyStub([None, slow, slow, None, slow, slow, slow]))
+    gone = Worker("b", "decode", channel=None, stub=_FlakyStub([None, grpc.StatusCode.UNAVAILABLE]))
+
+    async def polls(worker, n):
+        states = []
+        for _ in range(n):
+            await pool._poll_one(worker)
+            states.append(worker.healthy)
+        return states
+
+    assert asyncio.run(polls(w, 7)) == [True, True, True, True, True, True, False]
+    assert asyncio.run(polls(gone, 2)) == [True, False]
