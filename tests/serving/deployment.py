@@ -86,8 +86,11 @@ class Deployment:
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.stop()
+        if exc_type is not None:
+            # pytest shows captured stderr with the failure: the workers' own account of what went wrong.
+            print(f"--- last lines of `glmserve up` output ---\n{self._log_tail(200)}", file=sys.stderr)
 
     def start(self) -> None:
         self.port = free_port()
