@@ -96,6 +96,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    default="prefix-affinity")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--health-interval", type=float, default=1.0)
+    p.add_argument("--worker-wait-timeout", type=float, default=10.0,
+                   help="seconds a request waits for a healthy prefill/decode worker before failing with 503")
 
 
 def router_config(args: argparse.Namespace, cache_dir: Path) -> RouterConfig:
@@ -105,6 +107,6 @@ def router_config(args: argparse.Namespace, cache_dir: Path) -> RouterConfig:
         model=model, served_model_name=args.served_model_name or Path(model).name, host=args.host, port=args.port,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         request_timeout=args.request_timeout, routing_policy=args.routing_policy,
-        health_interval=args.health_interval, prefill=split(getattr(args, "prefill", "")),
+        health_interval=args.health_interval, worker_wait_timeout=args.worker_wait_timeout, prefill=split(getattr(args, "prefill", "")),
         decode=split(getattr(args, "decode", "")),
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+
+from glmserve.local_ports import free_ports
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,6 @@ class LaunchPlan:
     worker_args: tuple[str, ...] = ()  # engine flags passed to every worker
     router_args: tuple[str, ...] = ()
     ready_timeout: float = 600.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -58,16 +54,18 @@ def start(plan: LaunchPlan) -> list[Proc]:
     procs: list[Proc] = []
     prefill_addrs, decode_addrs = [], []
     common = ["--model", plan.model, "--host", plan.host, *plan.worker_args]
+    ports = iter(free_ports(2 * (plan.num_prefill + plan.num_decode), plan.host))
     for i in range(plan.num_prefill):
-        grpc_port, http_port = free_port(), free_port()
+        grpc_port, http_port = next(ports), next(ports)
         procs.append(_spawn(f"prefill-{i}", ["prefill", *common, "--grpc-port", str(grpc_port),
                                              "--http-port", str(http_port)], f"http://{plan.host}:{http_port}/ready",
                             f"{plan.host}:{grpc_port}"))
         prefill_addrs.append(f"{plan.host}:{grpc_port}")
     for i in range(plan.num_decode):
-        grpc_port, http_port, kv_port = free_port(), free_port(), free_port()
+        grpc_port, http_port = next(ports), next(ports)
+        # Only the prefill workers dial the KV port, and D tells them which one: the kernel may pick it.
         procs.append(_spawn(f"decode-{i}", ["decode", *common, "--grpc-port", str(grpc_port),
-                                            "--http-port", str(http_port), "--kv-port", str(kv_port)],
+                                            "--http-port", str(http_port), "--kv-port", "0"],
                             f"http://{plan.host}:{http_port}/ready", f"{plan.host}:{grpc_port}"))
         decode_addrs.append(f"{plan.host}:{grpc_port}")
     procs.append(_spawn("router", ["router", "--model", plan.model, "--host", plan.host, "--port", str(plan.port),
@@ -76,7 +74,18 @@ def start(plan: LaunchPlan) -> list[Proc]:
     return procs
 
 
-def wait_ready(procs: list[Proc], timeout: float) -> None:
+def routable_workers(router_url: str) -> int:
+    """How many workers the router has in its pool (healthy) right now; 0 when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{router_url}/load", timeout=1) as r:
+            return sum(1 for w in json.load(r).values() if w.get("healthy"))
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_ready(procs: list[Proc], timeout: float, router_url: str | None = None) -> None:
+    """Every process answers its readiness URL and, given router_url, the router routes to every worker
+    (its /health needs only one of each role; "up" means all of them)."""
     deadline = time.monotonic() + timeout
     pending = list(procs)
     while pending:
@@ -87,6 +96,12 @@ def wait_ready(procs: list[Proc], timeout: float) -> None:
                 pending.remove(p)
         if time.monotonic() > deadline:
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}")
+        time.sleep(0.2)
+    workers = sum(1 for p in procs if p.grpc_address)
+    while router_url is not None and routable_workers(router_url) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the router reaches only {routable_workers(router_url)} of {workers} workers "
+                               f"after {timeout:.0f}s")
         time.sleep(0.2)
 
 
@@ -120,7 +135,7 @@ def run_up(plan: LaunchPlan) -> int:
         signal.signal(sig, _interrupt)
     procs = start(plan)
     try:
-        wait_ready(procs, plan.ready_timeout)
+        wait_ready(procs, plan.ready_timeout, router_url=f"http://{plan.host}:{plan.port}")
         for p in procs:
             print(p.describe(), flush=True)
         print(f"glmserve is up: OpenAI API at http://{plan.host}:{plan.port}/v1 "

@@ -18,6 +18,7 @@ from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.worker.convert import STATE_TO_PB, FINISH_TO_PB, params_from_pb, params_to_pb, sampled_from_pb, token_logprob_to_pb
 from glmserve.worker.config import WorkerConfig
+from glmserve.worker.grpc_options import insecure_channel
 from glmserve.worker.lifecycle import Lifecycle
 from glmserve.worker.load import load_report
 
@@ -85,7 +86,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     def _prefill_stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+            ch = self._channels[address] = insecure_channel(address)
         return pb_grpc.PrefillWorkerStub(ch)
 
     # -- Generate --------------------------------------------------------------------------------

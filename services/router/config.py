@@ -16,5 +16,6 @@ class RouterConfig:
     request_timeout: float | None = 600.0
     routing_policy: str = "prefix-affinity"  # prefix-affinity | least-loaded | round-robin
     health_interval: float = 1.0
+    worker_wait_timeout: float = 10.0  # a request waits this long for a healthy worker before a 503
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()

@@ -1,8 +1,10 @@
 """Disaggregated generation: the router streams from a decode worker, which pulls the prompt's KV from
-a prefill worker the router picked. Retriable failures before the first token try another worker."""
+a prefill worker the router picked. Retriable failures before the first token try again, on another
+decode worker when there is one; a request waits a while for a healthy worker before it fails."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -15,13 +17,14 @@ from glmserve.worker.convert import FINISH_FROM_PB, params_to_pb, sampled_from_p
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.1  # times the attempt number
 
 
 class DisaggregatedBackend(GenerationBackend):
-    def __init__(self, pool: WorkerPool, info: ModelInfo, ready_timeout: float = 600.0):
+    def __init__(self, pool: WorkerPool, info: ModelInfo, worker_wait_timeout: float = 10.0):
         self.pool = pool
         self.info = info
-        self.ready_timeout = ready_timeout
+        self.worker_wait_timeout = worker_wait_timeout
 
     def model_info(self) -> ModelInfo:
         return self.info
@@ -43,8 +46,13 @@ class DisaggregatedBackend(GenerationBackend):
         want_logprobs = params.logprobs is not None
         tried: set[str] = set()
         for attempt in range(MAX_ATTEMPTS):
-            decode = self.pool.pick_decode(exclude=tried)
-            prefill = self.pool.pick_prefill(prompt_token_ids)
+            if attempt:
+                await asyncio.sleep(RETRY_BACKOFF_S * attempt)
+            # Another decode worker if there is one, else the same one again.
+            decode = await self.pool.wait_for(lambda: self.pool.pick_decode(exclude=tried) or self.pool.pick_decode(),
+                                              self.worker_wait_timeout)
+            prefill = await self.pool.wait_for(lambda: self.pool.pick_prefill(prompt_token_ids),
+                                               self.worker_wait_timeout)
             if decode is None or prefill is None:
                 raise BackendError("no healthy " + ("decode" if decode is None else "prefill") + " worker", retriable=True)
             tried.add(decode.address)
@@ -81,7 +89,7 @@ class DisaggregatedBackend(GenerationBackend):
                 else:
                     raise BackendError(f"decode worker {decode.address} ended the stream early", retriable=True)
             except grpc.aio.AioRpcError as exc:
-                self.pool.mark_unhealthy(decode)
+                self.pool.mark_unhealthy(decode, f"stream failed: {exc.code().name}")
                 if not delivered and attempt + 1 < MAX_ATTEMPTS:
                     log.warning("decode worker %s failed (%s); retrying elsewhere", decode.address, exc.code().name)
                     continue

@@ -38,7 +38,7 @@ def run_router(cfg: RouterConfig, discovery: WorkerDiscovery, max_model_len: int
 
     metrics = ServiceMetrics("router", cfg.served_model_name)
     pool = WorkerPool(discovery, metrics, poll_interval=cfg.health_interval, policy=cfg.routing_policy)
-    backend = DisaggregatedBackend(pool, model_info_from_dir(cfg.model, max_model_len))
+    backend = DisaggregatedBackend(pool, model_info_from_dir(cfg.model, max_model_len), cfg.worker_wait_timeout)
     return _serve(create_app(RouterState.build(cfg, backend, metrics)), cfg)
 
 

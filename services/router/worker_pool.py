@@ -11,6 +11,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 
@@ -19,10 +20,12 @@ from glmserve.metrics import ServiceMetrics
 from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.router.discovery import WorkerDiscovery
+from glmserve.worker.grpc_options import insecure_channel
 
 log = logging.getLogger(__name__)
 
 MAX_MISSED_POLLS = 3
+REPOLL_S = 0.25  # while a request waits for a worker, the pool is re-polled this often
 
 
 @dataclass
@@ -58,6 +61,7 @@ class WorkerPool:
         self.workers: dict[tuple[str, str], Worker] = {}
         self._rr = itertools.count()
         self._task: asyncio.Task | None = None
+        self._polling: asyncio.Future | None = None
         self.block_size = 16
 
     # -- membership and health ----------------------------------------------------------------
@@ -70,15 +74,18 @@ class WorkerPool:
                 self.metrics.get("worker_healthy", worker=w.address, worker_role=w.role).set(0)
                 asyncio.ensure_future(w.channel.close())
         for role, address in wanted - set(self.workers):
-            ch = grpc.aio.insecure_channel(address)
+            ch = insecure_channel(address)
             stub = pb_grpc.PrefillWorkerStub(ch) if role == "prefill" else pb_grpc.DecodeWorkerStub(ch)
             self.workers[(role, address)] = Worker(address, role, ch, stub)
 
     async def _poll_one(self, w: Worker) -> None:
+        was_healthy = w.healthy
+        reason = ""
         try:
             report = await w.stub.GetLoad(pb.LoadRequest(), timeout=max(1.0, self.poll_interval * 2))
             w.load = report
             w.healthy = report.state == pb.SERVING_STATE_SERVING
+            reason = f"state {pb.ServingState.Name(report.state)}"
             if report.block_size:
                 self.block_size = report.block_size
             if w.role == "prefill":
@@ -87,15 +94,33 @@ class WorkerPool:
             # A refused connection means the worker is gone; a slow answer from a busy worker is not
             # enough to drop it (its streams are still flowing) unless it keeps missing polls.
             w.failed_polls += 1
+            reason = f"load poll failed {w.failed_polls}x: {exc.code().name}"
             if exc.code() == grpc.StatusCode.UNAVAILABLE or w.failed_polls >= MAX_MISSED_POLLS:
                 w.healthy = False
         else:
             w.failed_polls = 0
+        if w.healthy != was_healthy:
+            log.warning("%s worker %s %s the pool (%s)", w.role, w.address, "joins" if w.healthy else "leaves", reason)
         self.metrics.get("worker_healthy", worker=w.address, worker_role=w.role).set(1 if w.healthy else 0)
 
     async def poll(self) -> None:
         self._sync_membership()
         await asyncio.gather(*(self._poll_one(w) for w in list(self.workers.values())))
+
+    async def refresh(self) -> None:
+        """Poll now; callers that arrive while a poll runs share it."""
+        if self._polling is None or self._polling.done():
+            self._polling = asyncio.ensure_future(self.poll())
+        await asyncio.shield(self._polling)
+
+    async def wait_for(self, pick: Callable[[], Worker | None], timeout: float) -> Worker | None:
+        """pick() until it finds a worker, re-polling meanwhile, for at most timeout seconds: a worker
+        that briefly left the pool (a missed poll, a restart) does not fail the requests of that moment."""
+        deadline = time.monotonic() + timeout
+        while (w := pick()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(min(REPOLL_S, max(0.0, deadline - time.monotonic())))
+            await self.refresh()
+        return w
 
     async def start(self) -> None:
         await self.discovery.start()
@@ -106,7 +131,7 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
-                await self.poll()
+                await self.refresh()
             except Exception:  # never let the health loop die
                 log.exception("worker poll failed")
 
@@ -117,21 +142,14 @@ class WorkerPool:
         for w in self.workers.values():
             await w.channel.close()
 
-    def mark_unhealthy(self, w: Worker) -> None:
+    def mark_unhealthy(self, w: Worker, reason: str) -> None:
+        if w.healthy:
+            log.warning("%s worker %s leaves the pool (%s)", w.role, w.address, reason)
         w.healthy = False
         self.metrics.get("worker_healthy", worker=w.address, worker_role=w.role).set(0)
 
     def healthy(self, role: str) -> list[Worker]:
         return [w for (r, _), w in self.workers.items() if r == role and w.healthy]
-
-    async def wait_ready(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.healthy("prefill") and self.healthy("decode"):
-                return True
-            await asyncio.sleep(0.2)
-            await self.poll()
-        return False
 
     # -- choice -------------------------------------------------------------------------------
     def pick_decode(self, exclude: set[str] = frozenset()) -> Worker | None:

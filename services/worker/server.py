@@ -13,12 +13,11 @@ from glmserve.engine.engine import LLMEngine
 from glmserve.metrics import ServiceMetrics
 from glmserve.worker.config import WorkerConfig
 from glmserve.worker.engine_metrics import EngineMetrics
+from glmserve.worker.grpc_options import SERVER_OPTIONS
 from glmserve.worker.http_server import create_worker_app, make_http_server
 from glmserve.worker.lifecycle import Lifecycle, ServingState
 
 log = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
 async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server: Callable) -> None:
@@ -40,7 +39,7 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
     async_engine.step_hooks.append(engine_metrics.on_step)
     async_engine.start()
     service = make_service(cfg, async_engine, metrics, lifecycle)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     add_to_server(service, server)
     server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     await server.start()

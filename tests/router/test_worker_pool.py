@@ -1,6 +1,7 @@
 """Worker choice without a network: prefix affinity for prefill, least loaded for decode, health."""
 
 import asyncio
+import time
 
 from glmserve.engine.block_pool import chain_hashes
 from glmserve.metrics import ServiceMetrics
@@ -55,7 +56,7 @@ def test_decode_prefers_free_kv_then_fewer_requests_and_skips_unhealthy():
     first = pool.pick_decode()
     first.inflight += 1
     assert pool.pick_decode() is not first
-    pool.mark_unhealthy(b)
+    pool.mark_unhealthy(b, "stream failed")
     assert pool.pick_decode() is a
     assert pool.pick_decode(exclude={"a"}) is None
 
@@ -81,7 +82,8 @@ def test_unreachable_worker_is_marked_unhealthy_by_the_poll():
 
 
 class _FlakyStub:
-    """GetLoad fails with the given codes in turn (None = answers with a serving load report)."""
+    """GetLoad fails with the given codes in turn, the last one from then on (None = answers with a
+    serving load report)."""
 
     def __init__(self, codes):
         self.codes = list(codes)
@@ -89,7 +91,7 @@ class _FlakyStub:
     async def GetLoad(self, request, timeout=None):
         import grpc
 
-        code = self.codes.pop(0)
+        code = self.codes.pop(0) if len(self.codes) > 1 else self.codes[0]
         if code is None:
             return pb.LoadReport(state=pb.SERVING_STATE_SERVING, block_size=4)
         raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "test")
@@ -112,3 +114,23 @@ def test_a_slow_poll_does_not_drop_a_busy_worker_but_repeated_misses_and_refusal
 
     assert asyncio.run(polls(w, 7)) == [True, True, True, True, True, True, False]
     assert asyncio.run(polls(gone, 2)) == [True, False]
+
+
+def test_a_request_waits_for_a_worker_that_rejoins_on_a_later_poll():
+    import grpc
+
+    pool = WorkerPool(StaticDiscovery([], ["a", "b"]), ServiceMetrics("router", "m"))
+    back = pool.workers[("decode", "a")] = Worker("a", "decode", channel=None,
+                                                 stub=_FlakyStub([grpc.StatusCode.UNAVAILABLE, None]))
+    pool.workers[("decode", "b")] = Worker("b", "decode", channel=None,
+                                           stub=_FlakyStub([grpc.StatusCode.UNAVAILABLE]))
+
+    async def run():
+        found = await pool.wait_for(pool.pick_decode, timeout=5)
+        start = time.monotonic()
+        missing = await pool.wait_for(lambda: pool.pick_decode(exclude={"a"}), timeout=0.6)
+        return found, missing, time.monotonic() - start
+
+    found, missing, waited = asyncio.run(run())
+    assert found is back  # unhealthy on the first re-poll, serving on the second
+    assert missing is None and 0.5 < waited < 3  # gives up after its timeout, not before

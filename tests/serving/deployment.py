@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from glmserve.launcher import free_port
+from glmserve.local_ports import free_port
 
 # The launcher prints `NAME pid=PID ready=URL grpc=ADDRESS` per process once all are ready.
 _PROCESS_LINE = re.compile(r"^(?P<name>\S+) pid=(?P<pid>\d+) ready=(?P<ready>\S+) grpc=(?P<grpc>\S+)\s*$")

@@ -52,7 +52,12 @@ def _alive(pid: int) -> bool:
 
 
 def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_dir):
+    import httpx
+
     with Deployment(model_dir, prefill=1, decode=2, extra_args=("--dtype", "float32")) as dep:
+        # `glmserve up` reports up only once the router routes to every worker.
+        pool = httpx.get(dep.base_url + "/load", timeout=10).json()
+        assert len(pool) == 3 and all(w["healthy"] for w in pool.values()), pool
         aclient = openai.AsyncOpenAI(base_url=dep.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
         model = "model"
 
@@ -66,13 +71,16 @@ def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_
             except openai.APIError as exc:
                 return "error", time.monotonic() - kill_time[0]
 
+        killed: list[int] = []
+
         async def run():
             events = [asyncio.Event() for _ in range(6)]
             kill_time = [0.0]
             tasks = [asyncio.create_task(one_stream(i, events[i], kill_time)) for i in range(6)]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
             kill_time[0] = time.monotonic()
-            os.kill(busiest_decode_pid(dep), signal.SIGKILL)
+            os.kill(victim := busiest_decode_pid(dep), signal.SIGKILL)
+            killed.append(victim)
             # Streams on the dead worker must end soon; the others keep generating and are then dropped.
             done, pending = await asyncio.wait(tasks, timeout=20)
             for t in pending:
@@ -91,6 +99,8 @@ def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_
                                           extra_body={"ignore_eos": True})
             assert r.choices[0].finish_reason == "length"
         pids = [pid for pid, _, _ in dep.processes.values()]
+        # Only the killed worker is gone: its KV link peer (the prefill worker) and the rest live on.
+        assert [p for p in pids if not _alive(p)] == killed
     # Ctrl-C on `glmserve up` stops everything it started.
     deadline = time.monotonic() + 20
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
