@@ -17,7 +17,9 @@ from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.worker.grpc_options import insecure_channel
 
-DOWN_FOR_S = 12.0  # long enough for gRPC's default backoff to have grown past 5 s
+# Long enough for gRPC's default backoff to have grown to several seconds: with the defaults the worker
+# below was reached 1.7-4.8 s after it came up, with ours 0.5-0.8 s (dev machine, 2 cores).
+DOWN_FOR_S = 12.0
 
 
 class _Serving(pb_grpc.DecodeWorkerServicer):
@@ -34,7 +36,7 @@ async def _health(stub) -> bool:
 
 
 @pytest.mark.asyncio
-async def test_worker_that_comes_up_late_is_reached_within_two_seconds():
+async def test_worker_that_comes_up_late_is_reached_within_seconds():
     address = f"127.0.0.1:{free_port()}"
     channel = insecure_channel(address)
     stub = pb_grpc.DecodeWorkerStub(channel)
@@ -49,7 +51,7 @@ async def test_worker_that_comes_up_late_is_reached_within_two_seconds():
     try:
         up_at = time.monotonic()
         while not await _health(stub):
-            assert time.monotonic() - up_at < 2.0, "the channel is still backing off a worker that is up"
+            assert time.monotonic() - up_at < 2.5, "the channel is still backing off a worker that is up"
             await asyncio.sleep(0.1)
     finally:
         await channel.close()
