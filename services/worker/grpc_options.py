@@ -3,6 +3,9 @@
 Clients reconnect quickly: gRPC's default reconnect backoff grows towards two minutes, so a worker that
 was still loading its model when the router first dialled it (or that restarted) would stay out of the
 pool long after it came up. Capped at one second, a worker is routable about a second after it listens.
+
+Servers do not share ports: gRPC sets SO_REUSEPORT by default, so a second worker started on a port in
+use would bind without error and the kernel would spread connections over both processes.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import grpc
 
 MESSAGE_LIMITS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-SERVER_OPTIONS = list(MESSAGE_LIMITS)
+SERVER_OPTIONS = [*MESSAGE_LIMITS, ("grpc.so_reuseport", 0)]
 CLIENT_OPTIONS = [*MESSAGE_LIMITS,
                   ("grpc.initial_reconnect_backoff_ms", 200),
                   ("grpc.min_reconnect_backoff_ms", 200),

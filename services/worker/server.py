@@ -30,6 +30,13 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
         eng = holder.get("engine")
         return eng.stats() if eng is not None else {}
 
+    # Bind the gRPC port before the model loads: a port in use fails in seconds, not after the load.
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    try:
+        server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    except RuntimeError as exc:
+        raise SystemExit(f"{cfg.role} worker: cannot listen for gRPC on {cfg.host}:{cfg.grpc_port}; "
+                         f"is the port in use? ({exc})") from None
     http = make_http_server(create_worker_app(lifecycle, metrics, load), cfg.host, cfg.http_port)
     http_task = asyncio.create_task(http.serve())  # liveness answers while the model loads
     engine = await asyncio.to_thread(LLMEngine, cfg.engine)
@@ -39,9 +46,7 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
     async_engine.step_hooks.append(engine_metrics.on_step)
     async_engine.start()
     service = make_service(cfg, async_engine, metrics, lifecycle)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
     add_to_server(service, server)
-    server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     await server.start()
     engine_metrics.refresh(engine)
     lifecycle.state = ServingState.SERVING
