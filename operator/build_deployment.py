@@ -6,9 +6,9 @@ from typing import Any
 
 from glmserve.operator import naming
 from glmserve.operator.build_configmap import engine_config, section_hash
-from glmserve.operator.pod import (apply_placement, container_security_context, gpu_resources, http_probes,
-                                   image_pull_secrets, model_mount, pod_security_context, shm_volume)
-from glmserve.operator.spec import DeploymentSpec, RoleSpec
+from glmserve.operator.pod import (ModelMount, apply_placement, container_security_context, gpu_resources,
+                                   http_probes, image_pull_secrets, model_mount, pod_security_context, shm_volume)
+from glmserve.operator.spec import DeploymentSpec, Placement, RoleSpec
 
 ROUTER_GRACE_S = 30
 
@@ -33,6 +33,25 @@ def _deployment(owner: naming.Owner, name: str, component: str, spec: Deployment
             "metadata": naming.metadata(owner, name, component, spec.image.tag), "spec": body}
 
 
+def _pod_spec(spec: DeploymentSpec, mount: ModelMount, container: dict[str, Any], scratch_volume: dict[str, Any],
+              placement: Placement, **settings: Any) -> dict[str, Any]:
+    """The pod of every glmserve Deployment: the role's own `settings` first, then what all share."""
+    pod_spec: dict[str, Any] = {
+        **settings,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "initContainers": mount.init_containers,
+        "containers": [container],
+        "volumes": [*mount.volumes, scratch_volume],
+    }
+    if not pod_spec["initContainers"]:
+        del pod_spec["initContainers"]
+    if spec.image.pull_secrets:
+        pod_spec["imagePullSecrets"] = image_pull_secrets(spec.image)
+    apply_placement(pod_spec, placement)
+    return pod_spec
+
+
 def build_worker_deployment(spec: DeploymentSpec, owner: naming.Owner, role: RoleSpec) -> dict[str, Any]:
     mount = model_mount(spec.source, spec.image)
     config = engine_config(spec, owner)[role.name]
@@ -55,21 +74,11 @@ def build_worker_deployment(spec: DeploymentSpec, owner: naming.Owner, role: Rol
     }
     container["env"] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                         *(dict(e) for e in role.env)]
-    pod_spec: dict[str, Any] = {
+    pod_spec = _pod_spec(
+        spec, mount, container, shm_volume(role.shm_size), role.placement,
         # A draining worker finishes its running requests (drainTimeoutSeconds) before the grace period ends.
-        "terminationGracePeriodSeconds": role.termination_grace_s,
-        "automountServiceAccountToken": False,  # workers never call the Kubernetes API
-        "enableServiceLinks": False,
-        "securityContext": pod_security_context(),
-        "initContainers": mount.init_containers,
-        "containers": [container],
-        "volumes": [*mount.volumes, shm_volume(role.shm_size)],
-    }
-    if not pod_spec["initContainers"]:
-        del pod_spec["initContainers"]
-    if spec.image.pull_secrets:
-        pod_spec["imagePullSecrets"] = image_pull_secrets(spec.image)
-    apply_placement(pod_spec, role.placement)
+        terminationGracePeriodSeconds=role.termination_grace_s,
+        automountServiceAccountToken=False)  # workers never call the Kubernetes API
     # GPUs are scarce: replace pods one at a time instead of surging onto GPUs that may not exist.
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     # With an autoscaler the HPA owns the replica count; leave it out of what the operator applies.
@@ -94,20 +103,10 @@ def build_router_deployment(spec: DeploymentSpec, owner: naming.Owner) -> dict[s
         "volumeMounts": [mount.mount, {"name": "tmp", "mountPath": "/tmp"}],
         "securityContext": container_security_context(read_only_root=True),
     }
-    pod_spec: dict[str, Any] = {
-        "serviceAccountName": naming.router_name(owner.name),  # may list and watch EndpointSlices (build_rbac)
-        "terminationGracePeriodSeconds": ROUTER_GRACE_S,
-        "enableServiceLinks": False,
-        "securityContext": pod_security_context(),
-        "initContainers": mount.init_containers,
-        "containers": [container],
-        "volumes": [*mount.volumes, {"name": "tmp", "emptyDir": {}}],
-    }
-    if not pod_spec["initContainers"]:
-        del pod_spec["initContainers"]
-    if spec.image.pull_secrets:
-        pod_spec["imagePullSecrets"] = image_pull_secrets(spec.image)
-    apply_placement(pod_spec, r.placement)
+    pod_spec = _pod_spec(
+        spec, mount, container, {"name": "tmp", "emptyDir": {}}, r.placement,
+        serviceAccountName=naming.router_name(owner.name),  # may list and watch EndpointSlices (build_rbac)
+        terminationGracePeriodSeconds=ROUTER_GRACE_S)
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     return _deployment(owner, naming.router_name(owner.name), "router", spec, r.replicas, strategy, pod_spec,
                        section_hash(config))
