@@ -98,10 +98,9 @@ def wait_ready(procs: list[Proc], timeout: float, router_url: str | None = None)
             raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}")
         time.sleep(0.2)
     workers = sum(1 for p in procs if p.grpc_address)
-    while router_url is not None and routable_workers(router_url) < workers:
+    while router_url is not None and (routable := routable_workers(router_url)) < workers:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the router reaches only {routable_workers(router_url)} of {workers} workers "
-                               f"after {timeout:.0f}s")
+            raise TimeoutError(f"the router reaches only {routable} of {workers} workers after {timeout:.0f}s")
         time.sleep(0.2)
 
 

@@ -34,27 +34,30 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+def _kernel_pick(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct ports that nothing is bound to on host right now."""
     high = _ephemeral_low()
     low = max(1024, high - _SPAN)
-    if high - low < 4 * count:  # an unusual ephemeral range: let the kernel choose
-        low, high = 0, 0
+    if high - low >= 4 * count:
+        draw = lambda: _rng.randrange(low, high)  # noqa: E731
+    else:  # an unusual ephemeral range leaves no room below it: let the kernel choose
+        draw = lambda: _kernel_pick(host)  # noqa: E731
     chosen: list[int] = []
     for _ in range(1000 * count):
         if len(chosen) == count:
-            break
-        if high:
-            port = _rng.randrange(low, high)
-        else:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
+            return chosen
+        port = draw()
         if port not in chosen and _bindable(host, port):
             chosen.append(port)
-    if len(chosen) < count:
-        raise RuntimeError(f"found only {len(chosen)} of {count} free ports on {host}")
-    return chosen
+    if len(chosen) == count:
+        return chosen
+    raise RuntimeError(f"found only {len(chosen)} of {count} free ports on {host}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
