@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from glmserve.local_ports import free_port
 from tests.k8s_operator.promql import dashboard_queries, substitute
 
 
@@ -41,12 +41,6 @@ class Target:
 
 class PrometheusError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_binary() -> str | None:

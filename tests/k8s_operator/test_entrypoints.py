@@ -17,7 +17,7 @@ import pytest
 from glmserve.operator.entry import run_operator
 from tests.k8s_operator.kube_emulator import (CORE_RESOURCES, VersionedEmulator, client_config, declare, eventually,
                                               find, glmd)
-from tests.k8s_operator.prometheus_harness import free_port
+from glmserve.local_ports import free_port
 from tests.k8s_operator.samples import MINIMAL
 
 ROOT = Path(__file__).resolve().parents[2]
