@@ -224,11 +224,15 @@ class HealthResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[ServingState, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("kv_events_epoch", "kv_events_seq")
+    KV_EVENTS_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_SEQ_FIELD_NUMBER: _ClassVar[int]
+    kv_events_epoch: int
+    kv_events_seq: int
+    def __init__(self, kv_events_epoch: _Optional[int] = ..., kv_events_seq: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("role", "model_name", "max_model_len", "block_size", "queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "total_blocks", "prefix_cache_hit_rate", "cached_block_hashes", "state")
+    __slots__ = ("role", "model_name", "max_model_len", "block_size", "queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "total_blocks", "prefix_cache_hit_rate", "state", "kv_events_epoch", "kv_events_seq", "kv_events_reset", "kv_stored_hashes", "kv_removed_hashes")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -240,8 +244,12 @@ class LoadReport(_message.Message):
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
-    CACHED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_SEQ_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_RESET_FIELD_NUMBER: _ClassVar[int]
+    KV_STORED_HASHES_FIELD_NUMBER: _ClassVar[int]
+    KV_REMOVED_HASHES_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     model_name: str
     max_model_len: int
@@ -253,6 +261,10 @@ class LoadReport(_message.Message):
     free_blocks: int
     total_blocks: int
     prefix_cache_hit_rate: float
-    cached_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     state: ServingState
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[ServingState, str]] = ...) -> None: ...
+    kv_events_epoch: int
+    kv_events_seq: int
+    kv_events_reset: bool
+    kv_stored_hashes: _containers.RepeatedScalarFieldContainer[int]
+    kv_removed_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., state: _Optional[_Union[ServingState, str]] = ..., kv_events_epoch: _Optional[int] = ..., kv_events_seq: _Optional[int] = ..., kv_events_reset: _Optional[bool] = ..., kv_stored_hashes: _Optional[_Iterable[int]] = ..., kv_removed_hashes: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -39,6 +39,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kv_transfer_bytes": ("counter", "KV cache bytes moved over a link.", ("link", "direction")),
     "kv_transfer_latency_seconds": ("histogram", "Time to move one request's KV over a link.", ("link",)),
     "kv_transfer_failures": ("counter", "Failed KV transfers.", ("link",)),
+    "kv_transfer_reused_tokens": ("counter", "Prompt tokens a decode worker took from its own prefix cache "
+                                  "instead of receiving them over the KV link.", ()),
 }
 
 _TYPES = {"histogram": Histogram, "counter": Counter, "gauge": Gauge}

@@ -1,5 +1,15 @@
 """The decode worker: admits a request into KV blocks, has a prefill worker fill them over the KV
-link, then generates the rest of the tokens in its continuous batch and streams them to the router."""
+link, then generates the rest of the tokens in its continuous batch and streams them to the router.
+
+A request's life here, as queues:
+  engine.waiting (remote_prefill)   FIFO for a sequence slot and blocks; bounded (--max-waiting-requests),
+                                    and by time (--admission-timeout): both refusals are retriable
+  engine.waiting_for_kv             blocks held (this worker's cached prefix reused); P prefills and sends
+                                    only the tokens past that prefix, layer by layer, into them
+  engine.running                    KV and first token arrived: decoded in the continuous batch
+Leaving at any point (client gone, cancel, error) aborts the request in the engine, which frees exactly
+its blocks, after cancelling a transfer still writing into them (kv_connector.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +20,9 @@ from typing import AsyncIterator
 
 import grpc
 
-from glmserve.engine.async_engine import AsyncEngine
+from glmserve.decode.kv_connector import DecodeKVConnector
+from glmserve.engine.async_engine import AsyncEngine, KVAllocated
+from glmserve.engine.engine import EngineBusy, RequestError
 from glmserve.engine.kv_link import KVTransferError, prometheus_observer
 from glmserve.engine.kv_receiver import KVLinkServer
 from glmserve.metrics import ServiceMetrics
@@ -35,40 +47,6 @@ class RequestFailed(Exception):
                              status=pb.Status(code=self.code, message=self.message, retriable=self.retriable))
 
 
-class BlockAdmission:
-    """KV blocks for new prompts: wait in a bounded FIFO queue while the cache is full, else refuse."""
-
-    def __init__(self, async_engine: AsyncEngine, max_waiting: int, timeout: float):
-        self.async_engine = async_engine
-        self.max_waiting = max_waiting
-        self.timeout = timeout
-        self.waiting = 0
-        self.waiting_tokens = 0
-        self._turn = asyncio.Lock()  # FIFO: one request at a time retries for blocks
-
-    async def acquire(self, request_id: str, num_tokens: int) -> list[int]:
-        """Blocks for the prompt and the first token's KV, reserved in the engine under request_id
-        (the engine owns them from then on: aborting the request frees them)."""
-        if self.waiting >= self.max_waiting:
-            raise RequestFailed(pb.ERROR_CODE_NO_KV_CAPACITY, "decode worker queue is full", True)
-        self.waiting += 1
-        self.waiting_tokens += num_tokens
-        try:
-            async with asyncio.timeout(self.timeout):
-                async with self._turn:
-                    while True:
-                        blocks = await self.async_engine.call(lambda e: e.reserve_blocks(request_id, num_tokens + 1))
-                        if blocks is not None:
-                            return blocks
-                        await asyncio.sleep(0.02)
-        except TimeoutError:
-            raise RequestFailed(pb.ERROR_CODE_NO_KV_CAPACITY,
-                                f"no KV capacity for {num_tokens} tokens within {self.timeout:.0f}s", True) from None
-        finally:
-            self.waiting -= 1
-            self.waiting_tokens -= num_tokens
-
-
 class DecodeService(pb_grpc.DecodeWorkerServicer):
     def __init__(self, cfg: WorkerConfig, async_engine: AsyncEngine, metrics: ServiceMetrics, lifecycle: Lifecycle):
         self.cfg = cfg
@@ -79,7 +57,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.link_server = KVLinkServer(cfg.host if cfg.host not in ("localhost",) else "127.0.0.1", cfg.kv_port,
                                         cfg.kv_link_device(self.engine.device), timeout_s=cfg.kv_timeout,
                                         observer=prometheus_observer(metrics))
-        self.admission = BlockAdmission(async_engine, cfg.max_waiting_requests, cfg.admission_timeout)
+        self.connector = DecodeKVConnector(async_engine.deliver)
+        self.engine.scheduler.kv_connector = self.connector
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._prefill_of: dict[str, str] = {}  # request id -> prefill address, while prefilling
 
@@ -124,39 +103,58 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.TokenChunk]:
         rid = request.request_id
         prompt, params, eos = self._validate(request)
-        blocks = await self.admission.acquire(rid, len(prompt))
-        try:
-            first, cached = await self._prefill(request, prompt, blocks)
-            stream = self.async_engine.generate_prefilled(
-                rid, prompt_token_ids=prompt, params=params, first_token=first, num_cached_tokens=cached,
-                eos_token_ids=eos)
+        stream = self.async_engine.generate_remote(rid, prompt, params, eos, max_waiting=self.cfg.max_waiting_requests)
+        # aclosing: however this generator ends, the stream ends too, which aborts the request in the
+        # engine (freeing its blocks, after cancelling any transfer into them).
+        async with contextlib.aclosing(stream):
+            allocated = await self._admitted(stream, len(prompt))
+            first, cached = await self._prefill(request, prompt, allocated)
+            self.async_engine.remote_kv_arrived(rid, first, cached)
             first_chunk = True
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    chunk = pb.TokenChunk(request_id=rid, token_ids=out.new_token_ids,
-                                          logprobs=[token_logprob_to_pb(t) for t in out.new_logprobs])
-                    if first_chunk:
-                        chunk.prompt_tokens, chunk.cached_prompt_tokens = len(prompt), cached
-                        first_chunk = False
-                    if out.finished:
-                        chunk.finish_reason = FINISH_TO_PB.get(out.finish_reason, pb.FINISH_REASON_STOP)
-                        if isinstance(out.stop_reason, int):
-                            chunk.stop_token_id = out.stop_reason
-                    yield chunk
-        finally:
-            # Idempotent: frees the reserved blocks, or aborts the running request, or does nothing.
-            self.async_engine.abort(rid)
+            async for out in stream:
+                chunk = pb.TokenChunk(request_id=rid, token_ids=out.new_token_ids,
+                                      logprobs=[token_logprob_to_pb(t) for t in out.new_logprobs])
+                if first_chunk:
+                    chunk.prompt_tokens, chunk.cached_prompt_tokens = len(prompt), cached
+                    first_chunk = False
+                if out.finished:
+                    chunk.finish_reason = FINISH_TO_PB.get(out.finish_reason, pb.FINISH_REASON_STOP)
+                    if isinstance(out.stop_reason, int):
+                        chunk.stop_token_id = out.stop_reason
+                yield chunk
 
-    async def _prefill(self, request: pb.GenerateRequest, prompt: list[int], blocks: list[int]):
-        """Have the prefill worker fill `blocks`; returns (first token, prefix-cached tokens)."""
+    async def _admitted(self, stream, num_tokens: int) -> KVAllocated:
+        """Wait for the engine to give the request its blocks: bounded queue, bounded time."""
+        try:
+            async with asyncio.timeout(self.cfg.admission_timeout):
+                item = await anext(stream)
+        except TimeoutError:
+            raise RequestFailed(pb.ERROR_CODE_NO_KV_CAPACITY, f"no KV capacity for {num_tokens} tokens within "
+                                f"{self.cfg.admission_timeout:.0f}s", True) from None
+        except EngineBusy as exc:
+            raise RequestFailed(pb.ERROR_CODE_NO_KV_CAPACITY, f"decode worker {exc}", True) from None
+        except RequestError as exc:
+            raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False) from None
+        if not isinstance(item, KVAllocated):  # aborted while it waited
+            raise RequestFailed(pb.ERROR_CODE_CANCELLED, "cancelled before admission", False)
+        return item
+
+    async def _prefill(self, request: pb.GenerateRequest, prompt: list[int], allocated: KVAllocated):
+        """Have the prefill worker fill the blocks past D's cached prefix; returns (first token, P's
+        prefix-cached tokens)."""
         rid, address = request.request_id, request.prefill_address
+        blocks, local = allocated.block_ids, allocated.num_local_cached_tokens
         rx = self.link_server.receiver(address)
         tid = rx.new_transfer_id()
-        handle = rx.expect(tid, self.engine.runner.kv_caches, blocks, len(prompt), self.engine.model_config.num_hidden_layers)
+        num_layers = self.engine.model_config.num_hidden_layers
+        handle = self.connector.start_transfer(
+            rid, lambda: rx.expect(tid, self.engine.runner.kv_caches, blocks, len(prompt), num_layers, first_token=local))
         want_logprobs = request.sampling.HasField("logprobs")
         kv_link = pb.KvLinkAddress(host=self.cfg.advertise_host, port=self.link_server.port, link_id=rx.address.name)
+        block_size = self.engine.pool.block_size
         preq = pb.PrefillRequest(request_id=rid, token_ids=prompt, sampling=request.sampling, kv_link=kv_link,
-                                 dst_block_ids=blocks, block_size=self.engine.pool.block_size, transfer_id=tid)
+                                 dst_block_ids=blocks, block_size=block_size, transfer_id=tid,
+                                 num_dst_cached_blocks=local // block_size)
         self._prefill_of[rid] = address
         done = False
         try:
@@ -165,6 +163,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                 raise RequestFailed(resp.status.code, f"prefill {address}: {resp.status.message}", resp.status.retriable)
             await asyncio.wait_for(asyncio.wrap_future(handle.future), self.cfg.kv_timeout)
             done = True
+            self.metrics.get("kv_transfer_reused_tokens").inc(local)
             return sampled_from_pb(resp.first_token_id, resp.first_token_logprob, want_logprobs), resp.cached_tokens
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(pb.ERROR_CODE_PREFILL_FAILED, f"prefill worker {address}: {exc.code().name} "
@@ -174,6 +173,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                                 True) from exc
         finally:
             self._prefill_of.pop(rid, None)
+            self.connector.transfer_done(rid)
             if not done:
                 handle.cancel()  # nothing more lands in these blocks once this returns
                 asyncio.ensure_future(self._cancel_prefill(address, rid))
@@ -197,10 +197,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     async def Health(self, request, context) -> pb.HealthResponse:
         return pb.HealthResponse(state=STATE_TO_PB[self.lifecycle.state])
 
-    async def GetLoad(self, request, context) -> pb.LoadReport:
-        a = self.admission
-        report = await self.async_engine.call(
-            lambda e: load_report(e, self.cfg, self.lifecycle, extra_waiting=a.waiting, extra_queued_tokens=a.waiting_tokens))
+    async def GetLoad(self, request: pb.LoadRequest, context) -> pb.LoadReport:
+        report = await self.async_engine.call(lambda e: load_report(e, self.cfg, self.lifecycle, request))
         report.state = STATE_TO_PB[self.lifecycle.state]
         return report
 

@@ -14,6 +14,7 @@ from typing import AsyncIterator, Callable
 
 from glmserve.engine.engine import LLMEngine
 from glmserve.engine.outputs import EngineOutput
+from glmserve.engine.sampler import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 
 
@@ -23,12 +24,25 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_ids: frozenset[int] | None
+    remote_prefill: bool = False
+    max_waiting_remote: int | None = None
 
 
 @dataclass
-class _AddPrefilled:
+class _RemoteKVArrived:
     request_id: str
-    kwargs: dict
+    first_token: SampledToken
+    num_cached_tokens: int
+
+
+@dataclass
+class KVAllocated:
+    """First item of a remote-prefill stream: the request holds its blocks; the first
+    num_local_cached_tokens tokens are already in them (this worker's prefix cache)."""
+
+    request_id: str
+    block_ids: list[int]
+    num_local_cached_tokens: int
 
 
 @dataclass
@@ -74,11 +88,20 @@ class AsyncEngine:
         async for out in self._stream(request_id, _Add(request_id, prompt_token_ids, params, eos_token_ids)):
             yield out
 
-    async def generate_prefilled(self, request_id: str, **kwargs) -> AsyncIterator[EngineOutput]:
-        """Stream a request whose prompt KV is already in its blocks (LLMEngine.add_prefilled_request).
-        The first output repeats the first token, which was sampled by the prefill worker."""
-        async for out in self._stream(request_id, _AddPrefilled(request_id, kwargs)):
-            yield out
+    async def generate_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                              eos_token_ids: frozenset[int] | None = None,
+                              max_waiting: int | None = None) -> AsyncIterator[KVAllocated | EngineOutput]:
+        """A request whose prompt KV a prefill worker computes. Yields KVAllocated once its blocks are
+        held; the caller then has the KV sent and calls remote_kv_arrived, after which the outputs
+        follow (the first repeats the prefill worker's token). Leaving early aborts, at any stage."""
+        if self.dead is not None:
+            raise EngineError(f"engine stopped: {self.dead!r}")
+        command = _Add(request_id, prompt_token_ids, params, eos_token_ids, True, max_waiting)
+        async for item in self._stream(request_id, command):
+            yield item
+
+    def remote_kv_arrived(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> None:
+        self._commands.put(_RemoteKVArrived(request_id, first_token, num_cached_tokens))
 
     async def _stream(self, request_id: str, command) -> AsyncIterator[EngineOutput]:
         q: asyncio.Queue = asyncio.Queue()
@@ -91,7 +114,7 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
+                if getattr(item, "finished", False):
                     finished = True
                     return
         finally:
@@ -110,7 +133,8 @@ class AsyncEngine:
         self._commands.put(_Abort(request_id))
 
     # -- engine thread -------------------------------------------------------------------------
-    def _deliver(self, request_id: str, item) -> None:
+    def deliver(self, request_id: str, item) -> None:
+        """Hand an item to the request's stream (thread-safe; a no-op once the stream is gone)."""
         target = self._streams.get(request_id)
         if target is not None:
             loop, q = target
@@ -119,22 +143,23 @@ class AsyncEngine:
     def _handle(self, cmd) -> None:
         if isinstance(cmd, _Add):
             try:
-                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.eos_token_ids)
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.eos_token_ids,
+                                        remote_prefill=cmd.remote_prefill, max_waiting_remote=cmd.max_waiting_remote)
             except Exception as exc:  # refused: tell only that request
-                self._deliver(cmd.request_id, exc)
-        elif isinstance(cmd, _AddPrefilled):
+                self.deliver(cmd.request_id, exc)
+        elif isinstance(cmd, _RemoteKVArrived):
             try:
-                req = self.engine.add_prefilled_request(cmd.request_id, **cmd.kwargs)
-                first = req.output_token_ids[:1]
-                self._deliver(cmd.request_id, EngineOutput(
-                    cmd.request_id, first, req.output_logprobs[:1], finished=req.is_finished,
-                    finish_reason=req.finish_reason.value if req.finish_reason else None,
-                    stop_reason=req.stop_reason, num_prompt_tokens=len(req.prompt_token_ids),
+                req = self.engine.remote_kv_arrived(cmd.request_id, cmd.first_token, cmd.num_cached_tokens)
+                self.deliver(cmd.request_id, EngineOutput(
+                    cmd.request_id, req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + 1], req.output_logprobs[:1],
+                    finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
+                    stop_reason=req.stop_reason, num_prompt_tokens=req.num_prompt_tokens,
                     num_cached_tokens=max(req.num_cached_tokens, 0)))
             except Exception as exc:
-                self._deliver(cmd.request_id, exc)
+                self.deliver(cmd.request_id, exc)
         elif isinstance(cmd, _Abort):
-            self.engine.abort(cmd.request_id)
+            if self.engine.abort(cmd.request_id):  # a stream still listening learns it ended
+                self.deliver(cmd.request_id, EngineOutput(cmd.request_id, [], finished=True, finish_reason="abort"))
         elif isinstance(cmd, _Call):
             try:
                 result = cmd.fn(self.engine)
@@ -158,11 +183,11 @@ class AsyncEngine:
                     for hook in self.step_hooks:
                         hook(self.engine, outputs)
                     for out in outputs:
-                        self._deliver(out.request_id, out)
+                        self.deliver(out.request_id, out)
         except BaseException as exc:  # a dead engine must not leave clients hanging
             self.dead = exc
             for request_id in list(self._streams):
-                self._deliver(request_id, EngineError(f"engine failed: {exc!r}"))
+                self.deliver(request_id, EngineError(f"engine failed: {exc!r}"))
             raise
 
 

@@ -7,30 +7,15 @@ findable until the LRU free queue hands them out again (eviction).
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-ROOT_HASH = 0
+from glmserve.engine.kv_events import KVEventLog
 
-
-def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
-    """Stable 64-bit hash (the router computes the same values to route by prefix affinity)."""
-    h = hashlib.blake2b(parent_hash.to_bytes(8, "little"), digest_size=8)
-    h.update(array("q", token_ids).tobytes())
-    return int.from_bytes(h.digest(), "little")
-
-
-def chain_hashes(token_ids: Sequence[int], block_size: int, start: Sequence[int] = ()) -> list[int]:
-    """Hashes of every full block of token_ids; `start` are already-known hashes of the first blocks."""
-    hashes = list(start)
-    parent = hashes[-1] if hashes else ROOT_HASH
-    for b in range(len(hashes), len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[b * block_size : (b + 1) * block_size])
-        hashes.append(parent)
-    return hashes
+# Events kept for routers that fell behind, per block of the pool (then they get a snapshot).
+EVENTS_PER_BLOCK = 4
+MAX_EVENTS = 1 << 18
 
 
 class NoFreeBlocks(RuntimeError):
@@ -57,6 +42,7 @@ class BlockPool:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
+        self.events = KVEventLog(min(MAX_EVENTS, EVENTS_PER_BLOCK * num_blocks), snapshot=lambda: self._cached.keys())
 
     # -- accounting ---------------------------------------------------------------------------
     @property
@@ -71,9 +57,6 @@ class BlockPool:
     def usage(self) -> float:
         return self.num_used / self.num_blocks
 
-    def cached_hashes(self) -> list[int]:
-        return list(self._cached)
-
     # -- allocation ---------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -85,6 +68,7 @@ class BlockPool:
             if block.block_hash is not None:  # evict its cached content
                 if self._cached.get(block.block_hash) == block_id:
                     del self._cached[block.block_hash]
+                    self.events.record(block.block_hash, stored=False)
                 block.block_hash = None
             block.ref_count = 1
             out.append(block_id)
@@ -129,4 +113,6 @@ class BlockPool:
             block = self._blocks[block_id]
             if block.block_hash is None:
                 block.block_hash = h
-                self._cached.setdefault(h, block_id)
+                if h not in self._cached:
+                    self._cached[h] = block_id
+                    self.events.record(h, stored=True)

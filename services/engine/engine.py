@@ -17,7 +17,7 @@ from glmserve.engine.dtypes import resolve_device
 from glmserve.engine.loader import LoadedModel, load_model
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.outputs import EngineOutput
-from glmserve.engine.request import FinishReason, Request
+from glmserve.engine.request import FinishReason, Request, RequestStatus
 from glmserve.engine.sampler import SampledToken, Sampler, SamplingRow
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
@@ -25,6 +25,10 @@ from glmserve.engine.scheduler import Scheduler
 
 class RequestError(ValueError):
     """A request the engine refuses (too long, bad token ids, duplicate id)."""
+
+
+class EngineBusy(RequestError):
+    """Refused for now (the queue is full): another worker, or a retry later, may take it."""
 
 
 class LLMEngine:
@@ -49,15 +53,18 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.scheduler, self.pool)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
-        self.reserved: dict[str, list[int]] = {}  # request id -> blocks awaiting a KV transfer
         self.default_eos = frozenset(loaded.config.eos_token_ids)
         # Optional observer of each forward pass (the prefill worker streams KV out from it):
-        # `before_forward(chunks) -> on_layer_done callable or None`, `after_forward(chunks)`.
+        # `before_forward(chunks) -> on_layer_done callable or None`, the model's per-layer hook.
         self.step_observer = None
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    eos_token_ids: frozenset[int] | None = None) -> Request:
+                    eos_token_ids: frozenset[int] | None = None, remote_prefill: bool = False,
+                    max_waiting_remote: int | None = None) -> Request:
+        """Queue a request. remote_prefill: a prefill worker computes the prompt's KV and first token
+        (decode workers); the request waits for its blocks in the same queue, then for the KV
+        (`remote_kv_arrived`). max_waiting_remote bounds how many such requests may queue for blocks."""
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -69,57 +76,36 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        if remote_prefill and max_waiting_remote is not None and self.scheduler.num_waiting_remote >= max_waiting_remote:
+            raise EngineBusy(f"queue is full: {max_waiting_remote} requests already wait for KV blocks")
         req = Request(request_id, list(prompt_token_ids), params,
                       eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
-                      max_model_len=self.max_model_len)
+                      max_model_len=self.max_model_len, remote_prefill=remote_prefill)
         req.seed_generator(self.device)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
 
-    def reserve_blocks(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Blocks for a prompt about to arrive over the KV link, held under the request id until
-        add_prefilled_request takes them or abort frees them. None when they do not fit now."""
-        if request_id in self.reserved or request_id in self.requests:
-            raise RequestError(f"duplicate request id {request_id!r}")
-        n = -(-num_tokens // self.pool.block_size)
-        if n > self.pool.num_free:
-            return None
-        self.reserved[request_id] = self.pool.allocate(n)
-        return self.reserved[request_id]
-
-    def add_prefilled_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                              first_token: SampledToken, num_cached_tokens: int = 0,
-                              eos_token_ids: frozenset[int] | None = None) -> Request:
-        """Admit a request whose prompt KV is already in its reserved blocks (sent by a prefill worker)
-        and whose first token was sampled there: it joins the running batch, decoding from token 2."""
-        block_ids = self.reserved.pop(request_id, None)
-        if block_ids is None:
-            raise RequestError(f"request {request_id!r} has no reserved KV blocks (aborted?)")
-        req = Request(request_id, list(prompt_token_ids), params,
-                      eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
-                      max_model_len=self.max_model_len, block_ids=list(block_ids),
-                      num_computed_tokens=len(prompt_token_ids), num_cached_tokens=num_cached_tokens)
-        req.seed_generator(self.device)
-        if req.generator is not None and not params.greedy:
+    def remote_kv_arrived(self, request_id: str, first_token: SampledToken, num_cached_tokens: int = 0) -> Request:
+        """The prompt's KV of a remote-prefill request is in its blocks and the prefill worker sampled
+        its first token: it joins the running batch and decodes from token 2."""
+        req = self.requests.get(request_id)
+        if req is None or req.status is not RequestStatus.WAITING_FOR_REMOTE_KVS:
+            raise RequestError(f"request {request_id!r} is not waiting for remote KV (aborted?)")
+        req.num_cached_tokens = num_cached_tokens
+        if req.generator is not None and not req.params.greedy:
             # The prefill worker drew the first token from a fresh generator of the same seed; replay
             # that draw so this one continues where it left off (same tokens as one process would give).
             torch.rand(self.model_config.vocab_size, generator=req.generator, device=req.generator.device)
-        self.requests[request_id] = req
+        self.scheduler.remote_kv_arrived(req)
         req.append_token(first_token)
         req.check_stop()
-        if not req.is_finished:
-            self.scheduler.admit_running(req)
-        else:
+        if req.is_finished:
             self.scheduler.finish(req)
             self.requests.pop(request_id, None)
         return req
 
     def abort(self, request_id: str) -> bool:
-        reserved = self.reserved.pop(request_id, None)
-        if reserved is not None:
-            self.pool.free(reserved)
-            return True
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
@@ -135,13 +121,12 @@ class LLMEngine:
         outputs = [self._finished_output(r, []) for r in plan.rejected]
         for r in plan.rejected:
             self.requests.pop(r.request_id, None)
+        self.runner.release_rows(plan.released)
         if plan.is_empty():
             return outputs
         observer = self.step_observer
         on_layer_done = observer.before_forward(plan.chunks) if observer is not None else None
         result = self.runner.execute(plan.chunks, on_layer_done)
-        if observer is not None:
-            observer.after_forward(plan.chunks)
         for chunk in plan.chunks:
             self.scheduler.advance(chunk)
         rows = [self._sampling_row(c.request) for c in result.sample_chunks]
@@ -157,19 +142,19 @@ class LLMEngine:
                 outputs.append(self._finished_output(req, [token.token_id], new_logprobs))
             else:
                 outputs.append(EngineOutput(req.request_id, [token.token_id], new_logprobs,
-                                            num_prompt_tokens=len(req.prompt_token_ids),
+                                            num_prompt_tokens=req.num_prompt_tokens,
                                             num_cached_tokens=max(req.num_cached_tokens, 0)))
         return outputs
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         eos = frozenset() if req.params.ignore_eos else req.eos_token_ids
-        return SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids, req.generator, eos)
+        return SamplingRow(req.params, req.token_ids, req.num_prompt_tokens, req.generator, eos)
 
     @staticmethod
     def _finished_output(req: Request, new_ids: list[int], new_logprobs=()) -> EngineOutput:
         return EngineOutput(req.request_id, new_ids, list(new_logprobs), finished=True,
                             finish_reason=req.finish_reason.value if req.finish_reason else None,
-                            stop_reason=req.stop_reason, num_prompt_tokens=len(req.prompt_token_ids),
+                            stop_reason=req.stop_reason, num_prompt_tokens=req.num_prompt_tokens,
                             num_cached_tokens=max(req.num_cached_tokens, 0))
 
     # -- introspection (metrics, load reports) -----------------------------------------------------
@@ -177,7 +162,8 @@ class LLMEngine:
         pool = self.pool
         return {
             "num_requests_running": len(self.scheduler.running),
-            "num_requests_waiting": len(self.scheduler.waiting),
+            "num_requests_waiting": len(self.scheduler.waiting) + len(self.scheduler.waiting_for_kv),
+            "num_requests_waiting_for_remote_kv": len(self.scheduler.waiting_for_kv),
             "num_queued_tokens": self.scheduler.queued_prompt_tokens(),
             "kv_cache_usage_perc": pool.usage,
             "free_blocks": pool.num_free,

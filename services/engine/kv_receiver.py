@@ -34,15 +34,16 @@ log = logging.getLogger(__name__)
 class _Coverage:
     """Which (layer, token) pairs arrived; overlapping or out-of-range data is a protocol error."""
 
-    def __init__(self, num_layers: int, num_tokens: int):
-        self.num_layers, self.num_tokens = num_layers, num_tokens
-        self.remaining = num_layers * num_tokens
+    def __init__(self, num_layers: int, num_tokens: int, first_token: int = 0):
+        self.num_layers, self.num_tokens, self.first_token = num_layers, num_tokens, first_token
+        self.remaining = num_layers * max(0, num_tokens - first_token)
         self._spans: list[list[list[int]]] = [[] for _ in range(num_layers)]
 
     def add(self, layer: int, start: int, count: int) -> None:
         end = start + count
-        if not 0 <= layer < self.num_layers or end > self.num_tokens:
-            raise ValueError(f"layer {layer} tokens {start}..{end} outside {self.num_layers}x{self.num_tokens}")
+        if not 0 <= layer < self.num_layers or start < self.first_token or end > self.num_tokens:
+            raise ValueError(f"layer {layer} tokens {start}..{end} outside {self.num_layers}x"
+                             f"[{self.first_token}, {self.num_tokens})")
         spans = self._spans[layer]
         if any(start < e and s < end for s, e in spans):
             raise ValueError(f"layer {layer} tokens {start}..{end} arrived twice")
@@ -122,12 +123,13 @@ class KVReceiver:
             return next(self._ids)
 
     def expect(self, transfer_id: int, kv_caches: Sequence[torch.Tensor], dst_block_ids: BlockIds,
-               num_tokens: int, num_layers: int) -> TransferHandle:
-        """Register a transfer before P may send it (data for unknown ids is dropped)."""
+               num_tokens: int, num_layers: int, first_token: int = 0) -> TransferHandle:
+        """Register a transfer before P may send it (data for unknown ids is dropped). Tokens before
+        first_token are already in the blocks (D's own prefix cache) and must not arrive."""
         ids = torch.as_tensor(dst_block_ids, dtype=torch.int64)
         if num_layers > len(kv_caches) or -(-num_tokens // block_size_of(kv_caches[0])) > ids.numel():
             raise ValueError(f"{num_tokens} tokens x {num_layers} layers do not fit the given caches/blocks")
-        handle = TransferHandle(self, transfer_id, list(kv_caches[:num_layers]), ids, _Coverage(num_layers, num_tokens))
+        handle = TransferHandle(self, transfer_id, list(kv_caches[:num_layers]), ids, _Coverage(num_layers, num_tokens, first_token))
         with self._lock:
             if self.error is not None:
                 raise self.error

@@ -13,12 +13,13 @@ from typing import Callable
 import torch
 
 from glmserve.engine.attention.backend import AttentionBackend, KVCacheSpec
-from glmserve.engine.attention.context import ForwardContext, SeqChunk, build_context
+from glmserve.engine.attention.context import SeqChunk
 from glmserve.engine.config import CacheConfig, ModelConfig
 from glmserve.engine.cuda_graphs import DEFAULT_MAX_BATCH_SIZE, CudaGraphRunner, graph_unsafe_reason
 from glmserve.engine.kernel_selection import select_kernels
 from glmserve.engine.kv_cache import allocate_kv_caches, kv_cache_spec
 from glmserve.engine.scheduler import ScheduledChunk
+from glmserve.engine.step_inputs import StepInputBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class ModelRunner:
         self.spec = kv_cache_spec(model_cfg, cache_cfg.block_size)
         self.num_blocks = plan_num_blocks(self.spec, model_cfg.num_hidden_layers, dtype, device, cache_cfg)
         self.kv_caches = allocate_kv_caches(self.spec, model_cfg.num_hidden_layers, self.num_blocks, dtype, device)
-        self.kernels = select_kernels(model, device)
+        select_kernels(model, device)
+        max_len = max_model_len or model_cfg.max_position_embeddings
+        self.inputs = StepInputBuilder(min(self.num_blocks, -(-max_len // self.block_size) + 1), self.block_size, device)
         self.graphs: CudaGraphRunner | None = None
         self.cuda_graph_disabled_reason: str | None = "disabled by configuration"
         if enable_cuda_graph and cuda_graph_max_batch_size > 0:
@@ -78,9 +81,8 @@ class ModelRunner:
             return {"enabled": False, "reason": self.cuda_graph_disabled_reason}
         return {"enabled": True, **self.graphs.stats.as_dict(), "num_replays": self.graphs.num_replays}
 
-    def build_context(self, chunks: list[ScheduledChunk],
-                      on_layer_done: Callable[[int], None] | None = None) -> ForwardContext:
-        return build_context(self._seqs(chunks), self.block_size, self.kv_caches, self.device, on_layer_done)
+    def release_rows(self, request_ids: list[str]) -> None:
+        self.inputs.release(request_ids)
 
     @staticmethod
     def _seqs(chunks: list[ScheduledChunk]) -> list[SeqChunk]:
@@ -89,19 +91,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk], on_layer_done: Callable[[int], None] | None = None,
                 keep_hidden: bool = False) -> StepResult:
-        ids: list[int] = []
-        for c in chunks:
-            r = c.request
-            ids += r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + c.num_new_tokens]
-        seqs = self._seqs(chunks)
-        if self.graphs is not None and on_layer_done is None and self.graphs.can_run(seqs):
+        seqs = self._seqs(chunks) if self.graphs is not None and on_layer_done is None else None
+        if seqs is not None and self.graphs.can_run(seqs):
+            ids = [c.request.token_ids[c.request.num_computed_tokens] for c in chunks]  # one token each
             hidden = self.graphs.run(ids, seqs)
             if keep_hidden:
                 hidden = hidden.clone()  # the graph's output buffer is overwritten by the next replay
         else:
-            ctx = build_context(seqs, self.block_size, self.kv_caches, self.device, on_layer_done)
+            input_ids, ctx = self.inputs.build(chunks, self.kv_caches, on_layer_done)
             self.backend.prepare(ctx)
-            input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
             hidden = self.model(input_ids, ctx.positions, ctx)
         ends, sample_chunks, end = [], [], 0
         for c in chunks:

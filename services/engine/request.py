@@ -1,4 +1,9 @@
-"""A request owns its token ids, its block table and its sampling state."""
+"""A request owns its token ids, its block table and its sampling state.
+
+One token list holds the prompt and the output (`token_ids`, the first `num_prompt_tokens` are the
+prompt): a step appends to it, nothing rebuilds it. Block hashes grow with it, one new hash per newly
+filled block.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glmserve.engine.block_pool import chain_hashes
 from glmserve.engine.sampler import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
+from glmserve.prefix_hash import extend_chain
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    # Decode worker: blocks allocated, the prompt's KV is on its way from a prefill worker (vLLM's name).
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -25,18 +32,21 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: str
-    prompt_token_ids: list[int]
+    token_ids: list[int]  # prompt, then every generated token
     params: SamplingParams
+    num_prompt_tokens: int = -1  # -1: all of token_ids at creation
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
+    # The prompt's KV comes from a prefill worker instead of being computed here.
+    remote_prefill: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[SampledToken] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_registered_blocks: int = 0  # leading blocks already published to the prefix cache
     num_cached_tokens: int = -1  # prefix-cache hit of the first scheduling; -1 until scheduled
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -46,39 +56,52 @@ class Request:
     generator: torch.Generator | None = None
     _block_hashes: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
     def seed_generator(self, device: torch.device) -> None:
         """A seeded request samples from its own RNG, on the device the logits live on."""
         if self.params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
 
+    # Slices copy: for callers off the per-step path (outputs, tests).
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
     def block_hashes(self, block_size: int) -> list[int]:
-        """Chained hashes of every full block of the request's tokens (grown incrementally)."""
-        if len(self._block_hashes) < self.num_tokens // block_size:
-            self._block_hashes = chain_hashes(self.all_token_ids, block_size, self._block_hashes)
+        """Chained hashes of every full block of the request's tokens; only new blocks are hashed."""
+        if len(self._block_hashes) < len(self.token_ids) // block_size:
+            extend_chain(self._block_hashes, self.token_ids, block_size)
         return self._block_hashes
 
     def append_token(self, sampled: SampledToken) -> None:
-        self.output_token_ids.append(sampled.token_id)
+        self.token_ids.append(sampled.token_id)
         if self.params.logprobs is not None:
             self.output_logprobs.append(sampled)
 
     def check_stop(self) -> None:
         """Finish on eos / stop token / max_tokens / context length, after a token was appended."""
         p = self.params
-        n_out = len(self.output_token_ids)
-        last = self.output_token_ids[-1]
+        n_out = self.num_output_tokens
+        last = self.token_ids[-1]
         if n_out >= p.min_tokens:
             if not p.ignore_eos and last in self.eos_token_ids:
                 self.finish(FinishReason.STOP)

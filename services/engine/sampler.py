@@ -27,13 +27,26 @@ TOP_P_CANDIDATES = 1024
 
 @dataclass(frozen=True)
 class SamplingRow:
-    """One batch row: the request's settings, its tokens so far, and its RNG."""
+    """One batch row: the request's settings, its tokens so far (prompt then output), and its RNG."""
 
     params: SamplingParams
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
+    token_ids: Sequence[int]
+    num_prompt_tokens: int
     generator: torch.Generator | None = None  # None: the global RNG of the logits' device
     eos_token_ids: frozenset[int] = frozenset()  # masked under min_tokens; empty when ignore_eos
+
+    # Slices copy: only penalties use them, so rows are built without touching the token list.
+    @property
+    def prompt_token_ids(self) -> Sequence[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> Sequence[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -177,7 +190,7 @@ class Sampler:
         mask_rows: list[int] = []
         mask_ids: list[int] = []
         for i, r in enumerate(rows):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            if r.num_output_tokens < r.params.min_tokens:
                 blocked = [t for t in r.eos_token_ids.union(r.params.stop_token_ids or ()) if t < vocab]
                 mask_rows += [i] * len(blocked)
                 mask_ids += blocked

@@ -5,6 +5,15 @@ still prefilling), then admits waiting ones while budget, sequence slots and KV 
 running request cannot get a block, the most recently admitted running request is preempted: its
 blocks are released (their prefix-cache hashes survive) and it is recomputed later. Nothing crashes
 for lack of memory; a request that cannot fit even alone is finished with an error reason.
+
+Requests whose prompt KV comes from a prefill worker (decode workers) wait in the same FIFO queue.
+Admitting one reuses this worker's own prefix cache, allocates blocks for the rest of the prompt and
+the first output token, and parks it as WAITING_FOR_REMOTE_KVS: it holds a sequence slot and its
+blocks but computes nothing until `remote_kv_arrived`. Its admission is reported to the KV connector
+(`kv_connector.blocks_allocated`), and freeing it for any reason tells the connector first, so that
+no transfer writes into blocks after they are handed back.
+
+Per-step cost follows the tokens that changed: each request registers only its newly filled blocks.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from dataclasses import dataclass, field
 
 from glmserve.engine.block_pool import BlockPool
 from glmserve.engine.config import SchedulerConfig
+from glmserve.engine.kv_transport import RemoteKVConnector
 from glmserve.engine.request import FinishReason, Request, RequestStatus
 
 
@@ -36,6 +46,8 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     # Requests that can never fit in the cache (finished with LENGTH/abort by the scheduler).
     rejected: list[Request] = field(default_factory=list)
+    # Requests whose blocks went back to the pool since the last step (the runner forgets their rows).
+    released: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +64,9 @@ class Scheduler:
         self.block_size = pool.block_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.kv_connector: RemoteKVConnector | None = None
+        self._released: list[str] = []
         self.num_preemptions = 0
         # Seconds each newly admitted request waited; drained by the metrics exporter.
         self.queue_time_samples: list[float] = []
@@ -60,11 +75,23 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def admit_running(self, req: Request) -> None:
-        """A request whose KV is already computed (by a prefill worker) joins the running batch."""
+    def remote_kv_arrived(self, req: Request) -> None:
+        """The prompt's KV landed in the request's blocks: it decodes from the next step on."""
+        del self.waiting_for_kv[req.request_id]
+        req.num_computed_tokens = req.num_prompt_tokens
+        self._register_full_blocks(req)
         req.status = RequestStatus.RUNNING
-        req.first_scheduled_time = time.monotonic()
         self.running.append(req)
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences holding a slot: running, and parked waiting for remote KV."""
+        return len(self.running) + len(self.waiting_for_kv)
+
+    @property
+    def num_waiting_remote(self) -> int:
+        """Requests queued for blocks whose KV will come from a prefill worker."""
+        return sum(1 for r in self.waiting if r.remote_prefill)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -73,7 +100,9 @@ class Scheduler:
         """Release a request's blocks and drop it from the queues (abort, or after a stop)."""
         if reason is not None and not req.is_finished:
             req.finish(reason)
-        if req in self.running:
+        if self.waiting_for_kv.pop(req.request_id, None) is not None and self.kv_connector is not None:
+            self.kv_connector.request_freed(req)  # stop the transfer before its blocks are reused
+        elif req in self.running:
             self.running.remove(req)
         else:
             try:
@@ -86,6 +115,8 @@ class Scheduler:
         if req.block_ids:
             self.pool.free(req.block_ids)
             req.block_ids = []
+            self._released.append(req.request_id)
+        req.num_registered_blocks = 0
 
     def queued_prompt_tokens(self) -> int:
         return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
@@ -100,13 +131,15 @@ class Scheduler:
         self._release(victim)
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.WAITING
+        victim.remote_prefill = False  # its KV is gone: this worker recomputes prompt and output itself
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(released=self._released)
+        self._released = []
         budget = self.cfg.max_num_batched_tokens
         chunk_cap = self.cfg.chunked_prefill_size
         scheduled: set[str] = set()
@@ -135,7 +168,7 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, FIFO; none while this step had to preempt (memory is tight).
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not out.preempted:
+        while self.waiting and budget > 0 and self.num_seqs < self.cfg.max_num_seqs and not out.preempted:
             req = self.waiting[0]
             if not self._fits_ever(req):
                 self.waiting.popleft()
@@ -143,21 +176,29 @@ class Scheduler:
                 out.rejected.append(req)
                 continue
             hits = self._reuse_prefix(req)
-            num_new = min(req.num_tokens - req.num_computed_tokens, chunk_cap, budget)
-            need = self._blocks_needed(req, num_new)
+            # A remote prefill computes nothing here: it needs blocks for the prompt and the first token.
+            num_new = 0 if req.remote_prefill else min(req.num_tokens - req.num_computed_tokens, chunk_cap, budget)
+            need = (self._blocks_needed(req, req.num_tokens + 1 - req.num_computed_tokens) if req.remote_prefill
+                    else self._blocks_needed(req, num_new))
             if need > self.pool.num_free:
                 if hits:  # give the prefix back; try again next step
                     self.pool.free(req.block_ids)
                     req.block_ids = []
-                    req.num_computed_tokens = 0
+                    req.num_computed_tokens = req.num_registered_blocks = 0
                 break
             if need:
                 req.block_ids += self.pool.allocate(need)
             self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
                 self.queue_time_samples.append(req.first_scheduled_time - req.arrival_time)
+            if req.remote_prefill:
+                req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+                self.waiting_for_kv[req.request_id] = req
+                if self.kv_connector is not None:
+                    self.kv_connector.blocks_allocated(req)
+                continue
+            req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, num_new))
             budget -= num_new
@@ -176,6 +217,7 @@ class Scheduler:
         hits = self.pool.match_prefix(hashes, max_blocks)
         req.block_ids = hits
         req.num_computed_tokens = len(hits) * self.block_size
+        req.num_registered_blocks = len(hits)  # cached blocks are published already
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = req.num_computed_tokens
             self.pool.record_lookup(req.num_tokens, req.num_computed_tokens)
@@ -184,9 +226,13 @@ class Scheduler:
     # -- after the forward pass ---------------------------------------------------------------
     def advance(self, chunk: ScheduledChunk) -> None:
         """Mark the chunk's tokens computed and publish the request's newly full blocks."""
-        req = chunk.request
-        req.num_computed_tokens += chunk.num_new_tokens
+        chunk.request.num_computed_tokens += chunk.num_new_tokens
+        self._register_full_blocks(chunk.request)
+
+    def _register_full_blocks(self, req: Request) -> None:
         n_full = req.num_computed_tokens // self.block_size
-        if n_full:
-            hashes = req.block_hashes(self.block_size)[:n_full]
-            self.pool.register_full_blocks(req.block_ids[:n_full], hashes)
+        if n_full > req.num_registered_blocks:
+            start = req.num_registered_blocks
+            hashes = req.block_hashes(self.block_size)
+            self.pool.register_full_blocks(req.block_ids[start:n_full], hashes[start:n_full])
+            req.num_registered_blocks = n_full

@@ -1,9 +1,10 @@
 """Streams each prefill step's new KV to the decode workers, layer by layer, while later layers compute.
 
-Runs on the engine thread as the engine's step observer. For every scheduled chunk of a request that
-has a transfer, it sends (once) the prefix-cache hits P did not compute, then after each layer the
-chunk's new tokens of that layer. Tokens already sent are never sent again (a preempted request is
-recomputed, but D must receive each (layer, token) exactly once).
+The prefill worker's side of the KV connector. Runs on the engine thread as the engine's step observer:
+for every scheduled chunk of a request that has a transfer, it sends (once) the prefix-cache hits P did
+not compute, then, from the model's per-layer hook, the chunk's new tokens of that layer. Tokens the
+decode worker already holds (its own prefix cache) and tokens already sent are never sent (a preempted
+request is recomputed, but D must receive each (layer, token) exactly once).
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from glmserve.engine.kv_sender import KVSender
+from glmserve.engine.kv_transport import KVSendPort
 
 
 @dataclass
 class Transfer:
-    sender: KVSender
+    sender: KVSendPort
     transfer_id: int
-    sent_upto: int = 0  # tokens [0, sent_upto) of every layer are on their way
+    sent_upto: int = 0  # tokens [0, sent_upto) of every layer are on their way, or already at D
     prefix_tokens: int = 0  # prefix-cache hit tokens sent from P's cache without recompute
 
 
@@ -64,6 +65,3 @@ class KVStreamer:
                 t.sender.send_layer(t.transfer_id, layer, self.kv_caches[layer], block_ids, first, count)
 
         return on_layer_done
-
-    def after_forward(self, chunks) -> None:
-        pass

@@ -49,6 +49,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             params, eos = params_from_pb(request.sampling)
         except ValueError as exc:
             return _error(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False)
+        dst_cached = request.num_dst_cached_blocks * request.block_size
+        if dst_cached >= len(request.token_ids):
+            return _error(pb.ERROR_CODE_INVALID_REQUEST, f"the decode worker holds {dst_cached} of the "
+                          f"{len(request.token_ids)} prompt tokens: at least one must be sent", False)
         params.max_tokens = 1  # only the first token is sampled here; decode does the rest
         rid = request.request_id
         self.lifecycle.begin()
@@ -56,7 +60,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         try:
             addr = LinkAddress(request.kv_link.host, request.kv_link.port, request.kv_link.link_id)
             sender = await asyncio.to_thread(self.links.sender, addr)
-            transfer = Transfer(sender, request.transfer_id)
+            transfer = Transfer(sender, request.transfer_id, sent_upto=dst_cached)
             self.streamer.register(rid, transfer)
             first, num_cached = None, 0
             stream = self.async_engine.generate(rid, list(request.token_ids), params, eos)
@@ -93,8 +97,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
     async def Health(self, request, context) -> pb.HealthResponse:
         return pb.HealthResponse(state=STATE_TO_PB[self.lifecycle.state])
 
-    async def GetLoad(self, request, context) -> pb.LoadReport:
-        report = await self.async_engine.call(lambda e: load_report(e, self.cfg, self.lifecycle, with_hashes=True))
+    async def GetLoad(self, request: pb.LoadRequest, context) -> pb.LoadReport:
+        report = await self.async_engine.call(lambda e: load_report(e, self.cfg, self.lifecycle, request))
         report.state = STATE_TO_PB[self.lifecycle.state]
         return report
 

@@ -45,13 +45,15 @@ class DisaggregatedBackend(GenerationBackend):
         sampling = params_to_pb(params, eos_token_ids)
         want_logprobs = params.logprobs is not None
         tried: set[str] = set()
+        hashes = self.pool.prompt_hashes(prompt_token_ids)
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(RETRY_BACKOFF_S * attempt)
             # Another decode worker if there is one, else the same one again.
-            decode = await self.pool.wait_for(lambda: self.pool.pick_decode(exclude=tried) or self.pool.pick_decode(),
-                                              self.worker_wait_timeout)
-            prefill = await self.pool.wait_for(lambda: self.pool.pick_prefill(prompt_token_ids),
+            decode = await self.pool.wait_for(
+                lambda: self.pool.pick_decode(exclude=tried, hashes=hashes) or self.pool.pick_decode(hashes=hashes),
+                self.worker_wait_timeout)
+            prefill = await self.pool.wait_for(lambda: self.pool.pick_prefill(prompt_token_ids, hashes),
                                                self.worker_wait_timeout)
             if decode is None or prefill is None:
                 raise BackendError("no healthy " + ("decode" if decode is None else "prefill") + " worker", retriable=True)

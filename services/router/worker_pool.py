@@ -1,7 +1,10 @@
 """The router's view of its workers: channels, health and load (polled), and how it picks one.
 
 Workers come from a WorkerDiscovery (static lists, or Kubernetes). A worker that fails a poll, drains,
-or breaks a stream leaves the pool at once and returns when a poll finds it serving again.
+or breaks a stream leaves the pool at once and returns when a poll finds it serving again. Each poll
+also brings the worker's prefix-cache changes since the last one (prefix_index.py), for both roles:
+prefill goes where the prompt's prefix is cached (fewer tokens to compute), decode too when its load
+allows (fewer tokens to move over the KV link).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from typing import Callable
 
 import grpc
 
-from glmserve.engine.block_pool import chain_hashes
 from glmserve.metrics import ServiceMetrics
+from glmserve.prefix_hash import chain_hashes
 from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.router.discovery import WorkerDiscovery
+from glmserve.router.prefix_index import PrefixIndex
 from glmserve.worker.grpc_options import insecure_channel
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ class Worker:
     stub: object
     healthy: bool = False
     load: pb.LoadReport | None = None
-    cached_hashes: frozenset[int] = field(default_factory=frozenset)
+    prefix: PrefixIndex = field(default_factory=PrefixIndex)
     inflight: int = 0  # requests the router sent here that have not finished
     failed_polls: int = 0  # consecutive load polls that failed
 
@@ -47,7 +51,17 @@ class Worker:
         total = load.total_blocks if load and load.total_blocks else 1
         free = load.free_blocks if load else 0
         running = (load.running_requests + load.waiting_requests) if load else 0
-        return (int(10 * (1 - free / total)), running + self.inflight, -free)
+        return (self.usage_step(), running + self.inflight, -free)
+
+    def usage_step(self) -> int:
+        """KV usage in 10% steps, 0..10."""
+        load = self.load
+        total = load.total_blocks if load and load.total_blocks else 1
+        return int(10 * (1 - (load.free_blocks if load else 0) / total))
+
+    def busy(self) -> int:
+        load = self.load
+        return (load.running_requests + load.waiting_requests if load else 0) + self.inflight
 
 
 class WorkerPool:
@@ -82,14 +96,17 @@ class WorkerPool:
         was_healthy = w.healthy
         reason = ""
         try:
-            report = await w.stub.GetLoad(pb.LoadRequest(), timeout=max(1.0, self.poll_interval * 2))
+            asked = pb.LoadRequest(kv_events_epoch=w.prefix.epoch, kv_events_seq=w.prefix.seq)
+            report = await w.stub.GetLoad(asked, timeout=max(1.0, self.poll_interval * 2))
+            w.prefix.apply(report.kv_events_epoch, report.kv_events_seq, report.kv_events_reset,
+                           report.kv_stored_hashes, report.kv_removed_hashes, report.total_blocks)
+            report.ClearField("kv_stored_hashes")  # applied; keep the report small
+            report.ClearField("kv_removed_hashes")
             w.load = report
             w.healthy = report.state == pb.SERVING_STATE_SERVING
             reason = f"state {pb.ServingState.Name(report.state)}"
             if report.block_size:
                 self.block_size = report.block_size
-            if w.role == "prefill":
-                w.cached_hashes = frozenset(report.cached_block_hashes)
         except grpc.aio.AioRpcError as exc:
             # A refused connection means the worker is gone; a slow answer from a busy worker is not
             # enough to drop it (its streams are still flowing) unless it keeps missing polls.
@@ -152,15 +169,28 @@ class WorkerPool:
         return [w for (r, _), w in self.workers.items() if r == role and w.healthy]
 
     # -- choice -------------------------------------------------------------------------------
-    def pick_decode(self, exclude: set[str] = frozenset()) -> Worker | None:
+    def prompt_hashes(self, prompt: list[int]) -> list[int]:
+        """Block hashes of a prompt, as the workers' prefix caches key them (computed once per request)."""
+        return chain_hashes(prompt, self.block_size) if self.policy == "prefix-affinity" else []
+
+    def pick_decode(self, exclude: set[str] = frozenset(), hashes: list[int] = ()) -> Worker | None:
         pool = [w for w in self.healthy("decode") if w.address not in exclude]
         if not pool:
             return None
         if self.policy == "round-robin":
             return pool[next(self._rr) % len(pool)]
-        return min(pool, key=Worker.decode_score)
+        least = min(pool, key=Worker.decode_score)
+        if hashes:
+            # The worker holding the longest prefix moves the fewest KV bytes, if it is not clearly busier:
+            # within one 10% step of KV usage and at most twice (plus a few) the requests of the least loaded.
+            fit = [w for w in pool if w.usage_step() <= least.usage_step() + 1 and w.busy() <= 2 * least.busy() + 4]
+            best = max(fit, key=lambda w: (w.prefix.matched_blocks(hashes), [-x for x in w.decode_score()]))
+            if best.prefix.matched_blocks(hashes):
+                least = best
+            least.prefix.note_sent(hashes)
+        return least
 
-    def pick_prefill(self, prompt: list[int]) -> Worker | None:
+    def pick_prefill(self, prompt: list[int], hashes: list[int] | None = None) -> Worker | None:
         pool = self.healthy("prefill")
         if not pool:
             return None
@@ -173,27 +203,16 @@ class WorkerPool:
         least = min(pool, key=queued)
         if self.policy != "prefix-affinity":
             return least
-        hashes = chain_hashes(prompt, self.block_size)
-
-        def matched(w: Worker) -> int:
-            n = 0
-            for h in hashes:
-                if h not in w.cached_hashes:
-                    break
-                n += 1
-            return n
-
-        best = max(pool, key=lambda w: (matched(w), -queued(w)))
+        hashes = self.prompt_hashes(prompt) if hashes is None else hashes
+        best = max(pool, key=lambda w: (w.prefix.matched_blocks(hashes), -queued(w)))
         # Affinity wins unless that worker is much more loaded than the least loaded one.
-        if matched(best) and queued(best) - queued(least) <= self.affinity_slack_tokens:
-            best.cached_hashes = best.cached_hashes | frozenset(hashes)
-            return best
-        least.cached_hashes = least.cached_hashes | frozenset(hashes)  # it will hold them after this request
-        return least
+        chosen = best if best.prefix.matched_blocks(hashes) and queued(best) - queued(least) <= self.affinity_slack_tokens else least
+        chosen.prefix.note_sent(hashes)  # it will hold them after this request
+        return chosen
 
     def describe(self) -> dict:
-        from glmserve.worker.load import load_dict
+        from google.protobuf.json_format import MessageToDict
 
-        return {f"{w.role}:{w.address}": {"healthy": w.healthy, "inflight": w.inflight,
-                                          "load": load_dict(w.load) if w.load else None}
+        return {f"{w.role}:{w.address}": {"healthy": w.healthy, "inflight": w.inflight, "cached_blocks": len(w.prefix),
+                                          "load": MessageToDict(w.load, preserving_proto_field_name=True) if w.load else None}
                 for w in self.workers.values()}

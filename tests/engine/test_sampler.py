@@ -13,7 +13,7 @@ NEG_INF = float("-inf")
 
 def row(params=None, prompt=(0,), output=(), seed=None, eos=frozenset()):
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SamplingRow(params or SamplingParams(), list(prompt), list(output), gen, frozenset(eos))
+    return SamplingRow(params or SamplingParams(), list(prompt) + list(output), len(prompt), gen, frozenset(eos))
 
 
 def kept(masked: torch.Tensor) -> list[set[int]]:

@@ -55,10 +55,12 @@ def test_prefill_and_load_round_trip() -> None:
     reply = pb.PrefillResponse(request_id="r", first_token_id=42, cached_tokens=32, kv_bytes_sent=2**40)
     assert pb.PrefillResponse.FromString(reply.SerializeToString()).kv_bytes_sent == 2**40
     big_hash = 2**64 - 1  # block hashes use the full uint64 range
-    load = pb.LoadReport(role=pb.WORKER_ROLE_PREFILL, kv_usage=0.25, cached_block_hashes=[big_hash, 1],
+    load = pb.LoadReport(role=pb.WORKER_ROLE_PREFILL, kv_usage=0.25, kv_stored_hashes=[big_hash, 1],
+                         kv_removed_hashes=[big_hash - 1], kv_events_epoch=2**63 - 1, kv_events_seq=2**40,
                          state=pb.SERVING_STATE_DRAINING)
     back = pb.LoadReport.FromString(load.SerializeToString())
-    assert list(back.cached_block_hashes) == [big_hash, 1]
+    assert list(back.kv_stored_hashes) == [big_hash, 1] and list(back.kv_removed_hashes) == [big_hash - 1]
+    assert (back.kv_events_epoch, back.kv_events_seq) == (2**63 - 1, 2**40)
     assert back.role == pb.WORKER_ROLE_PREFILL and back.state == pb.SERVING_STATE_DRAINING
 
 

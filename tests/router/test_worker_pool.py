@@ -3,8 +3,8 @@
 import asyncio
 import time
 
-from glmserve.engine.block_pool import chain_hashes
 from glmserve.metrics import ServiceMetrics
+from glmserve.prefix_hash import chain_hashes
 from glmserve.protos import worker_pb2 as pb
 from glmserve.router.discovery import StaticDiscovery
 from glmserve.router.worker_pool import Worker, WorkerPool
@@ -27,7 +27,7 @@ def test_prefill_goes_where_the_prefix_is_cached():
     prompt = list(range(40))
     a = add(pool, "prefill", "a", queued_tokens=50)
     b = add(pool, "prefill", "b", queued_tokens=0)
-    a.cached_hashes = frozenset(chain_hashes(prompt, 4)[:5])
+    a.prefix.apply(1, 5, True, chain_hashes(prompt, 4)[:5], [], capacity=100)
     assert pool.pick_prefill(prompt) is a
     # Unless that worker is overloaded compared with the least loaded one.
     a.load.queued_tokens = 10_000
@@ -134,3 +134,35 @@ def test_a_request_waits_for_a_worker_that_rejoins_on_a_later_poll():
     found, missing, waited = asyncio.run(run())
     assert found is back  # unhealthy on the first re-poll, serving on the second
     assert missing is None and 0.5 < waited < 3  # gives up after its timeout, not before
+
+
+def test_decode_prefers_the_worker_holding_the_prefix_while_its_load_allows():
+    pool = make_pool()
+    pool.block_size = 4
+    prompt = list(range(40))
+    hashes = pool.prompt_hashes(prompt)
+    a = add(pool, "decode", "a", free_blocks=80, total_blocks=100, running_requests=3)
+    b = add(pool, "decode", "b", free_blocks=90, total_blocks=100, running_requests=1)
+    a.prefix.apply(1, 8, True, hashes[:8], [], capacity=100)
+    assert pool.pick_decode(hashes=hashes) is a
+    # Much fuller than the least loaded worker: the prefix no longer wins.
+    a.load.free_blocks = 40
+    assert pool.pick_decode(hashes=hashes) is b
+    # Evicted on the worker (an event says so): no affinity left either.
+    a.load.free_blocks = 80
+    a.prefix.apply(1, 9, False, [], hashes[:1], capacity=100)
+    assert a.prefix.matched_blocks(hashes) == 0
+    assert pool.pick_decode(hashes=hashes) is b
+
+
+def test_prefix_index_follows_deltas_and_stays_bounded():
+    from glmserve.router.prefix_index import PrefixIndex
+
+    index = PrefixIndex()
+    index.apply(7, 3, True, [1, 2, 3], [], capacity=10)
+    index.apply(7, 5, False, [4], [2], capacity=10)
+    assert index.hashes == {1, 3, 4} and (index.epoch, index.seq) == (7, 5)
+    index.apply(7, 9, True, [9], [], capacity=10)  # a snapshot replaces everything
+    assert index.hashes == {9}
+    index.apply(7, 10, False, list(range(100, 120)), [], capacity=10)  # more than the worker can hold
+    assert len(index) == 0 and index.epoch == 0  # dropped; the next poll asks for a snapshot

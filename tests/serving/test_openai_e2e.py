@@ -199,3 +199,45 @@ def test_openai_client_raises_typed_errors(served):
         client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt="x", max_tokens=5, top_p=2.0)
+
+
+def _worker_counter(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_second_turn_moves_only_the_blocks_the_decode_worker_lacks(served):
+    dep, client, model, reference = served
+    decode_urls = [ready.rsplit("/", 1)[0] for name, (_, ready, _) in dep.processes.items() if name.startswith("decode")]
+    rng = random.Random(99)
+    turn1 = [rng.randrange(1, 250) for _ in range(70)]
+
+    def ask(prompt, n):
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+        return r.choices[0].model_extra["token_ids"]
+
+    def totals():
+        return (sum(_worker_counter(u, "glmserve:kv_transfer_reused_tokens_total") for u in decode_urls),
+                sum(_worker_counter(u, 'glmserve:kv_transfer_bytes_total') for u in decode_urls))
+
+    reused0, bytes0 = totals()
+    out1 = ask(turn1, 20)
+    reused1, bytes1 = totals()
+    assert reused1 == reused0  # nothing cached yet for this conversation
+    per_token = (bytes1 - bytes0) / len(turn1)
+    # The router learns of the decode worker's new blocks from its KV events within a poll or two.
+    deadline = time.monotonic() + 10
+    while not any(v.get("cached_blocks") for k, v in _worker_loads(dep).items() if k.startswith("decode")):
+        assert time.monotonic() < deadline, _worker_loads(dep)
+        time.sleep(0.2)
+    turn2 = turn1 + out1 + [rng.randrange(1, 250) for _ in range(30)]
+    out2 = ask(turn2, 16)
+    reused2, bytes2 = totals()
+    # D holds the KV of turn 1's prompt and of every generated token but the last: 89 tokens, 5 full blocks.
+    block = 16
+    expected_reused = min((len(turn1) + len(out1) - 1) // block, (len(turn2) - 1) // block) * block
+    assert reused2 - reused1 == expected_reused == 80
+    assert bytes2 - bytes1 == pytest.approx(per_token * (len(turn2) - expected_reused), rel=0.01)
+    assert [out1, out2] == _reference_ids(reference, [turn1, turn2], [20, 16])

@@ -77,7 +77,6 @@ class FA3AttentionBackend(AttentionBackend):
                 cache_seqlens=ctx.seq_lens, page_table=ctx.block_tables,
                 cu_seqlens_q=ctx.query_start_loc, max_seqlen_q=max_q,
                 softmax_scale=scale, causal=True)
-        ctx.layer_done(layer)
         return out
 
     def mla(self, layer, q_nope, q_rope, latent, k_rope, weights: MLAWeights, ctx: ForwardContext, scale):
@@ -94,7 +93,6 @@ class FA3AttentionBackend(AttentionBackend):
             cache_seqlens=ctx.seq_lens, page_table=ctx.block_tables,
             cu_seqlens_q=ctx.query_start_loc, max_seqlen_q=state["max_query_len"],
             softmax_scale=scale, causal=True)
-        ctx.layer_done(layer)
         return expand_output(o_latent, weights)
 
 

@@ -147,7 +147,6 @@ class FlashInferAttentionBackend(AttentionBackend):
                 )
                 meta.planned[kind] = key
         out = wrapper.run(q.contiguous(), cache)
-        ctx.layer_done(layer)
         return out
 
     def mla(self, layer, q_nope, q_rope, latent, k_rope, weights: MLAWeights, ctx: ForwardContext, scale):
@@ -166,5 +165,4 @@ class FlashInferAttentionBackend(AttentionBackend):
             )
             meta.planned["mla"] = key
         o_latent = wrapper.run(q_latent, q_rope.contiguous(), cache[..., :rank], cache[..., rank:])
-        ctx.layer_done(layer)
         return expand_output(o_latent, weights)

@@ -69,7 +69,6 @@ class TorchAttentionBackend(AttentionBackend):
             vals = cache[blocks, 1, offsets].to(q.dtype).repeat_interleave(group, dim=2).transpose(1, 2)
             o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals, attn_mask=valid[:, None, None, :],
                                                scale=scale)  # [B, Hq, 1, D]
-            ctx.layer_done(layer)
             return o.squeeze(2)
         out = torch.empty_like(q)
         for rows, slots, mask in self._sequences(ctx):
@@ -78,7 +77,6 @@ class TorchAttentionBackend(AttentionBackend):
             vals = cache[blocks, 1, offsets].to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
             o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
             out[rows] = o.transpose(0, 1)
-        ctx.layer_done(layer)
         return out
 
     def mla(self, layer, q_nope, q_rope, latent, k_rope, weights: MLAWeights, ctx, scale):
@@ -97,7 +95,6 @@ class TorchAttentionBackend(AttentionBackend):
                       + torch.einsum("bhd,bld->bhl", q_rope.float(), kr)) * scale
             probs = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1)
             o_lat = torch.einsum("bhl,blr->bhr", probs, c)
-            ctx.layer_done(layer)
             return torch.einsum("bhr,hvr->bhv", o_lat, weights.w_uv.float()).to(q_nope.dtype)
         out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], weights.w_uv.shape[1])
         for rows, slots, mask in self._sequences(ctx):
@@ -108,5 +105,4 @@ class TorchAttentionBackend(AttentionBackend):
             probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             o_lat = torch.einsum("hqk,kr->qhr", probs, c)
             out[rows] = torch.einsum("qhr,hvr->qhv", o_lat, weights.w_uv.float()).to(out.dtype)
-        ctx.layer_done(layer)
         return out

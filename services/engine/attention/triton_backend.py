@@ -62,7 +62,6 @@ class TritonAttentionBackend(AttentionBackend):
             q.device, ctx.num_seqs, cache.shape[3], max_q, max(ctx.seq_lens_cpu, default=1))
         out = paged_attention(q, cache, ctx.query_start_loc, ctx.seq_lens, ctx.block_tables, scale,
                               max_query_len=max_q, num_splits=splits)
-        ctx.layer_done(layer)
         return out
 
     def mla(self, layer, q_nope, q_rope, latent, k_rope, weights: MLAWeights, ctx: ForwardContext, scale):
@@ -75,5 +74,4 @@ class TritonAttentionBackend(AttentionBackend):
             q_nope.device, ctx.num_seqs, q_nope.shape[1], max_q, max(ctx.seq_lens_cpu, default=1))
         o_latent = mla_attention(absorb_query(q_nope, weights), q_rope, cache, ctx.query_start_loc,
                                  ctx.seq_lens, ctx.block_tables, scale, max_query_len=max_q, num_splits=splits)
-        ctx.layer_done(layer)
         return expand_output(o_latent, weights)

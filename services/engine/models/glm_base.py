@@ -59,8 +59,9 @@ class GLMModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype, ctx)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, ctx)
+            ctx.layer_done(i)  # this layer's new KV is in the cache: a KV sender may ship it now
         return self.norm(x)
 
 
