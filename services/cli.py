@@ -14,7 +14,9 @@ from glmserve.cli_args import (add_engine_args, add_router_args, engine_config, 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("GLMSERVE_CACHE", Path.home() / ".cache" / "glmserve"))
+    from glmserve.engine.model_source import DEFAULT_CACHE_DIR
+
+    return Path(os.environ.get("GLMSERVE_CACHE", DEFAULT_CACHE_DIR))
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -60,7 +62,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from glmserve.router.main import run_single_process
+    from glmserve.single_process.main import run_single_process
 
     return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir()))
 

@@ -11,7 +11,7 @@ from glmserve.worker.config import WorkerConfig
 
 
 def resolve_model_arg(model: str | None, cache_dir: Path) -> str:
-    from glmserve.engine.llm import resolve_model
+    from glmserve.engine.model_source import resolve_model
 
     return resolve_model(model, cache_dir)
 

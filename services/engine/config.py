@@ -229,6 +229,20 @@ def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """config.json, with eos/bos/pad ids from generation_config.json where it has them (it wins: it is what
+    generation stops on)."""
+    d = Path(model_dir)
+    raw = json.loads((d / "config.json").read_text())
+    gen_path = d / "generation_config.json"
+    if gen_path.exists():
+        gen = json.loads(gen_path.read_text())
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if gen.get(key) is not None:
+                raw[key] = gen[key]
+    return parse_hf_config(raw)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16

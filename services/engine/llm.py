@@ -12,21 +12,10 @@ from tqdm import tqdm
 from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from glmserve.engine.engine import LLMEngine
+from glmserve.engine.model_source import DEFAULT_CACHE_DIR, resolve_model
 from glmserve.engine.outputs import CompletionOutput, EngineOutput, Logprob, RequestOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.tokenizer import Tokenizer
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "glmserve"
-
-
-def resolve_model(model: str | None, cache_dir: Path = DEFAULT_CACHE_DIR) -> str:
-    """None means the built-in tiny model, built on first use."""
-    if model:
-        return model
-    from glmserve.engine.tiny_model import default_tiny_model_dir
-
-    return str(default_tiny_model_dir(cache_dir))
-
 
 @dataclass
 class _Sequence:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from glmserve.engine.attention.backend import AttentionBackend
-from glmserve.engine.config import ModelConfig
+from glmserve.engine.config import ModelConfig, read_model_config
 from glmserve.engine.dtypes import resolve_device, resolve_dtype
 from glmserve.engine.fp8 import Fp8Layout, convert_to_fp8, load_fp8_weights, plan_fp8
 from glmserve.engine.models.registry import model_class
@@ -33,20 +33,6 @@ class LoadedModel:
     model_dir: Path | None
     dtype: torch.dtype
     device: torch.device
-
-
-def read_model_config(model_dir: str | Path) -> ModelConfig:
-    """config.json, with eos/bos/pad ids from generation_config.json where it has them (it wins: it is what
-    generation stops on)."""
-    d = Path(model_dir)
-    raw = json.loads((d / "config.json").read_text())
-    gen_path = d / "generation_config.json"
-    if gen_path.exists():
-        gen = json.loads(gen_path.read_text())
-        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if gen.get(key) is not None:
-                raw[key] = gen[key]
-    return ModelConfig.from_dict(raw)
 
 
 def _resolve_source(model: str, load_format: str) -> tuple[ModelConfig, Path | None, str]:

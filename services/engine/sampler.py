@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -34,13 +35,6 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None  # None: the global RNG of the logits' device
     eos_token_ids: frozenset[int] = frozenset()  # masked under min_tokens; empty when ignore_eos
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: float | None = None  # of the sampled token, under the raw logits; None unless asked
-    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), descending
 
 
 # -- pure helpers: each returns a new tensor and leaves its input alone ---------------------------

@@ -192,8 +192,9 @@ class WorkerPool:
         return least
 
     def describe(self) -> dict:
-        from glmserve.worker.load import load_dict
+        # MessageToDict directly: glmserve.worker.load reaches the engine, hence torch.
+        from google.protobuf.json_format import MessageToDict
 
         return {f"{w.role}:{w.address}": {"healthy": w.healthy, "inflight": w.inflight,
-                                          "load": load_dict(w.load) if w.load else None}
+                                          "load": MessageToDict(w.load, preserving_proto_field_name=True) if w.load else None}
                 for w in self.workers.values()}

@@ -26,13 +26,3 @@ class WorkerConfig:
     kv_timeout: float = 30.0
     drain_timeout: float = 30.0
     kv_transfer_backend: str = "auto"  # auto | nccl | gloo
-
-    def kv_link_device(self, engine_device):
-        """Where KV link buffers live: the engine's device for NCCL, the host for gloo."""
-        import torch
-
-        if self.kv_transfer_backend == "gloo":
-            return torch.device("cpu")
-        if self.kv_transfer_backend == "nccl" and torch.device(engine_device).type != "cuda":
-            raise ValueError("--kv-transfer-backend nccl needs the model on CUDA")
-        return torch.device(engine_device)
