@@ -27,7 +27,7 @@ class Glm4MoeLiteForCausalLM(GLMForCausalLM):
         return RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, interleaved=cfg.rope_interleave,
                                scaling=cfg.rope_scaling)
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, with_mtp: bool = False):
         if not cfg.is_mla:
             raise ValueError(f"Glm4MoeLiteForCausalLM needs a glm4_moe_lite config, got arch={cfg.arch!r}")
-        super().__init__(cfg, backend)
+        super().__init__(cfg, backend, with_mtp)
