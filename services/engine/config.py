@@ -284,6 +284,7 @@ class EngineConfig:
     # leaves it out, its tensors unread (on GLM-4.7 it is ~7.5 GB of bf16 the KV cache keeps instead).
     speculative_algorithm: str = "none"  # none | mtp
     speculative_num_steps: int = 1
+    tensor_parallel_size: int = 1  # only 1 yet (the CLI refuses more)
 
     @property
     def with_mtp(self) -> bool:
