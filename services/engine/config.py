@@ -108,10 +108,6 @@ class ModelConfig:
         return scale
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        return parse_hf_config(raw)
-
-    @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         return parse_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
 

@@ -7,7 +7,6 @@ copy at full size); keep the router in fp32; then fill it from the checkpoint or
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
