@@ -19,8 +19,9 @@ def test_lint_imports_passes():
 
 
 def test_contracts_see_the_modules_they_guard():
-    # glmserve.operator has no __init__.py (see DESIGN §2): without its own root entry the graph would lack
-    # it and the operator contract would pass vacuously. Check the graph holds each guarded package's code
+    # glmserve.operator has no __init__.py (an operator/__init__.py at the repository root would shadow the
+    # standard library's `operator`): without its own root entry the graph would lack it and the operator
+    # contract would pass vacuously. Check the graph holds each guarded package's code
     # and the edges the contracts reason about.
     graph = grimp.build_graph("glmserve", "glmserve.operator", include_external_packages=True, cache_dir=None)
     for module in ("glmserve.operator.handlers", "glmserve.kernels.paged_attention", "glmserve.engine.engine",

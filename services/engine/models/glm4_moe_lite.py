@@ -1,4 +1,4 @@
-"""GLM-4.7-Flash (`glm4_moe_lite`): MLA attention + the GLM MoE (DESIGN.md §4).
+"""GLM-4.7-Flash (`glm4_moe_lite`): MLA attention + the GLM MoE (docs/MODELS.md §3, §4).
 
 Module names mirror the Hugging Face checkpoint (`model.layers.N.self_attn.q_a_proj`, ...), so most
 weights load by name; weight_utils maps the fused/stacked exceptions (gate/up, experts, router, MTP).
