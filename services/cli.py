@@ -74,6 +74,8 @@ def up_plan(args: argparse.Namespace, model: str):
     from glmserve.launcher import LaunchPlan
 
     check_engine_args(args)  # refuse before starting anything
+    if args.prefill < 1 or args.decode < 1:
+        raise SystemExit("--prefill and --decode need at least 1 worker each")
     name = args.served_model_name or Path(model).name
     worker_args = ["--served-model-name", name, *engine_argv(args)]
     if args.torch_threads is None:
