@@ -25,6 +25,7 @@ demo: setup
 	$(BIN)/glmserve demo
 
 test: setup prometheus
+	$(BIN)/lint-imports   # layering contracts in pyproject.toml ([tool.importlinter])
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 # The dashboard test scrapes the running services with a real Prometheus (Debian's package).

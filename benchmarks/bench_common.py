@@ -203,7 +203,7 @@ def make_chunks(num_seqs: int, cached: int, new: int, block_size: int, vocab: in
     return chunks
 
 
-# Datasheet HBM bandwidth (GB/s), matched against the GPU name: the DESIGN.md floors use these.
+# Datasheet HBM bandwidth (GB/s), matched against the GPU name: the README's Yardsticks use these.
 SPEC_BANDWIDTH_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("H20", 4000.0))
 
 

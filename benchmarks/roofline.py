@@ -1,5 +1,5 @@
 """Bytes and FLOPs of a GLM step from its config: the floors the measurements are compared with
-(DESIGN.md §6).
+(benchmarks/README.md, Yardsticks).
 
 Decode is bandwidth-bound: a step must read every weight it uses once (attention and dense layers,
 shared experts, the experts the batch routes to, lm_head) plus each sequence's cached KV, so

@@ -9,12 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from glmserve.cli_args import (add_engine_args, add_router_args, engine_config, resolve_model_arg, router_config,
-                               worker_config)
+from glmserve.cli_args import (WORKER_DEFAULTS, HelpWithDefaults, add_engine_args, add_router_args, check_engine_args,
+                               engine_argv, engine_config, resolve_model_arg, router_config, worker_config)
+from glmserve.worker.config import DEFAULT_PORTS
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("GLMSERVE_CACHE", Path.home() / ".cache" / "glmserve"))
+    from glmserve.engine.model_source import DEFAULT_CACHE_DIR
+
+    return Path(os.environ.get("GLMSERVE_CACHE", DEFAULT_CACHE_DIR))
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -60,30 +63,38 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from glmserve.router.main import run_single_process
+    from glmserve.single_process.main import run_single_process
 
     return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir()))
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    from glmserve.launcher import LaunchPlan, run_up
+def up_plan(args: argparse.Namespace, model: str):
+    """What `glmserve up` starts: every engine flag goes to the workers of both roles, every router flag to
+    the router."""
+    from glmserve.launcher import LaunchPlan
 
-    model = resolve_model_arg(args.model, cache_dir())
-    # Local processes share the cores: oversubscribed torch threads slow every worker down.
-    threads = max(1, (os.cpu_count() or 1) // (args.prefill + args.decode))
-    worker_args = ["--dtype", args.dtype, "--chunked-prefill-size", str(args.chunked_prefill_size),
-                   "--torch-threads", str(threads),
-                   "--served-model-name", args.served_model_name or Path(model).name]
-    if args.max_model_len:
-        worker_args += ["--max-model-len", str(args.max_model_len)]
-    router_args = ["--served-model-name", args.served_model_name or Path(model).name,
-                   "--request-timeout", str(args.request_timeout)]
-    for flag in ("tool_call_parser", "reasoning_parser"):
-        if getattr(args, flag):
-            router_args += ["--" + flag.replace("_", "-"), getattr(args, flag)]
-    plan = LaunchPlan(model=model, num_prefill=args.prefill, num_decode=args.decode, port=args.port, host=args.host,
+    check_engine_args(args)  # refuse before starting anything
+    if args.prefill < 1 or args.decode < 1:
+        raise SystemExit("--prefill and --decode need at least 1 worker each")
+    name = args.served_model_name or Path(model).name
+    worker_args = ["--served-model-name", name, *engine_argv(args)]
+    if args.torch_threads is None:
+        # Local processes share the cores: oversubscribed torch threads slow every worker down.
+        worker_args += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (args.prefill + args.decode)))]
+    router_args = ["--served-model-name", name, "--request-timeout", str(args.request_timeout),
+                   "--routing-policy", args.routing_policy, "--health-interval", str(args.health_interval),
+                   "--worker-wait-timeout", str(args.worker_wait_timeout)]
+    for flag in ("tool_call_parser", "reasoning_parser", "max_model_len"):
+        if getattr(args, flag) is not None:
+            router_args += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return LaunchPlan(model=model, num_prefill=args.prefill, num_decode=args.decode, port=args.port, host=args.host,
                       worker_args=tuple(worker_args), router_args=tuple(router_args))
-    return run_up(plan)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from glmserve.launcher import run_up
+
+    return run_up(up_plan(args, resolve_model_arg(args.model, cache_dir())))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -117,21 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("prefill", _cmd_prefill, "run a prefill worker"),
                              ("decode", _cmd_decode, "run a decode worker")):
-        w = sub.add_parser(name, help=text)
+        w = sub.add_parser(name, help=text, formatter_class=HelpWithDefaults)
         add_engine_args(w)
-        w.add_argument("--grpc-port", type=int, default=50061 if name == "prefill" else 50071)
-        w.add_argument("--http-port", type=int, default=8101 if name == "prefill" else 8201)
+        grpc_port, http_port = DEFAULT_PORTS[name]
+        w.add_argument("--grpc-port", type=int, default=grpc_port)
+        w.add_argument("--http-port", type=int, default=http_port)
         w.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
                        help="address peers use to reach this worker (default: --host, or $POD_IP)")
-        w.add_argument("--drain-timeout", type=float, default=30.0)
-        w.add_argument("--kv-transfer-backend", choices=["auto", "nccl", "gloo"], default="auto",
+        w.add_argument("--drain-timeout", type=float, default=WORKER_DEFAULTS["drain_timeout"])
+        w.add_argument("--kv-transfer-backend", choices=["auto", "nccl", "gloo"],
+                       default=WORKER_DEFAULTS["kv_transfer_backend"],
                        help="KV link: auto = NCCL when both ends are on CUDA, else gloo (host-staged)")
         if name == "decode":
-            w.add_argument("--kv-port", type=int, default=29600)
-            w.add_argument("--max-waiting-requests", type=int, default=256)
+            w.add_argument("--kv-port", type=int, default=WORKER_DEFAULTS["kv_port"])
+            w.add_argument("--max-waiting-requests", type=int, default=WORKER_DEFAULTS["max_waiting_requests"])
         w.set_defaults(func=func)
 
-    r = sub.add_parser("router", help="run the HTTP router in front of prefill/decode workers")
+    r = sub.add_parser("router", help="run the HTTP router in front of prefill/decode workers",
+                       formatter_class=HelpWithDefaults)
     add_router_args(r)
     r.add_argument("--prefill", default="", help="comma-separated prefill worker gRPC addresses")
     r.add_argument("--decode", default="", help="comma-separated decode worker gRPC addresses")
@@ -143,24 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-model-len", type=int, default=None)
     r.set_defaults(func=_cmd_router)
 
-    s = sub.add_parser("serve", help="router and engine in one process (no disaggregation)")
+    s = sub.add_parser("serve", help="router and engine in one process (no disaggregation)",
+                       formatter_class=HelpWithDefaults)
     add_router_args(s)
     add_engine_args(s, with_host=False)
     s.set_defaults(func=_cmd_serve)
 
-    u = sub.add_parser("up", help="start a router, prefill and decode workers locally (Ctrl-C stops all)")
-    u.add_argument("--model", default=None, help="model directory or preset (default: built-in tiny model)")
-    u.add_argument("--prefill", type=int, default=1)
-    u.add_argument("--decode", type=int, default=1)
-    u.add_argument("--dtype", default="auto")
-    u.add_argument("--port", type=int, default=8000)
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--max-model-len", type=int, default=None)
-    u.add_argument("--chunked-prefill-size", type=int, default=8192)
-    u.add_argument("--served-model-name", default=None)
-    u.add_argument("--request-timeout", type=float, default=600.0)
-    u.add_argument("--tool-call-parser", choices=["glm45", "glm47"], default=None)
-    u.add_argument("--reasoning-parser", choices=["glm45"], default=None)
+    # `up` takes exactly `serve`'s flags (router + engine) plus how many workers of each role to start.
+    u = sub.add_parser("up", help="start a router, prefill and decode workers locally (Ctrl-C stops all)",
+                       formatter_class=HelpWithDefaults)
+    add_router_args(u)
+    add_engine_args(u, with_host=False)
+    u.add_argument("--prefill", type=int, default=1, help="prefill workers to start")
+    u.add_argument("--decode", type=int, default=1, help="decode workers to start")
     u.set_defaults(func=_cmd_up)
 
     b = sub.add_parser("bench", help="online serving benchmark against an OpenAI-compatible server")

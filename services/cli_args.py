@@ -1,17 +1,54 @@
-"""Flags shared by several `glmserve` commands, and the frozen configs built from them."""
+"""Flags shared by several `glmserve` commands, and the frozen configs built from them.
+
+Every default comes from the config dataclasses (one source); `--help` shows it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.router.config import RouterConfig
 from glmserve.worker.config import WorkerConfig
 
 
+def config_defaults(cls) -> dict[str, Any]:
+    """Field name -> default of a config dataclass (fields without one are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+ENGINE_DEFAULTS = config_defaults(EngineConfig)
+CACHE_DEFAULTS = config_defaults(CacheConfig)
+SCHEDULER_DEFAULTS = config_defaults(SchedulerConfig)
+ROUTER_DEFAULTS = config_defaults(RouterConfig)
+WORKER_DEFAULTS = config_defaults(WorkerConfig)
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option that has one, help text or not (argparse's
+    ArgumentDefaultsHelpFormatter skips options without help, and fails on them on Python 3.10)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if (action.option_strings and action.help is not argparse.SUPPRESS
+                and action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS and "%(default)" not in (action.help or "")):
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".strip()
+        return super()._format_action(action)
+
+
 def resolve_model_arg(model: str | None, cache_dir: Path) -> str:
-    from glmserve.engine.llm import resolve_model
+    from glmserve.engine.model_source import resolve_model
 
     return resolve_model(model, cache_dir)
 
@@ -21,42 +58,76 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
     if with_host:
         p.add_argument("--model", default=None, help="model directory or preset (default: built-in tiny model)")
         p.add_argument("--served-model-name", default=None)
-        p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="override the KV cache size in blocks")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--cpu-kv-cache-gib", type=float, default=0.5)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--chunked-prefill-size", type=int, default=8192)
-    p.add_argument("--prefill-attention-backend", default="auto",
+        p.add_argument("--host", default=WORKER_DEFAULTS["host"])
+    e, c, s = ENGINE_DEFAULTS, CACHE_DEFAULTS, SCHEDULER_DEFAULTS
+    p.add_argument("--dtype", default=e["dtype"], choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=e["device"], help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--load-format", default=e["load_format"], choices=["auto", "safetensors", "dummy"])
+    p.add_argument("--seed", type=int, default=e["seed"])
+    p.add_argument("--max-model-len", type=int, default=s["max_model_len"],
+                   help="longest prompt + output in tokens (default: the model's)")
+    p.add_argument("--block-size", type=int, default=c["block_size"], help="tokens per KV-cache block")
+    p.add_argument("--num-kv-blocks", type=int, default=c["num_blocks"],
+                   help="override the KV cache size in blocks (default: sized from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=c["gpu_memory_utilization"])
+    p.add_argument("--cpu-kv-cache-gib", type=float, default=c["cpu_kv_bytes"] / (1 << 30),
+                   help="KV cache budget on CPU, in GiB")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=c["enable_prefix_caching"])
+    p.add_argument("--max-num-seqs", type=int, default=s["max_num_seqs"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=s["max_num_batched_tokens"])
+    p.add_argument("--chunked-prefill-size", type=int, default=s["chunked_prefill_size"])
+    p.add_argument("--prefill-attention-backend", default=e["prefill_attention_backend"],
                    choices=["auto", "fa3", "flashinfer", "triton", "torch"])
-    p.add_argument("--decode-attention-backend", default="auto", choices=["auto", "flashinfer", "triton", "torch"])
-    p.add_argument("--cuda-graph-max-batch-size", type=int, default=512)
-    p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--speculative-algorithm", choices=["none", "mtp"], default="none")
-    p.add_argument("--speculative-num-steps", type=int, default=1)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading weights")
+    p.add_argument("--decode-attention-backend", default=e["decode_attention_backend"],
+                   choices=["auto", "flashinfer", "triton", "torch"])
+    p.add_argument("--cuda-graph-max-batch-size", type=int, default=e["cuda_graph_max_batch_size"])
+    p.add_argument("--disable-cuda-graph", action="store_true", default=not e["enable_cuda_graph"])
+    p.add_argument("--speculative-algorithm", choices=["none", "mtp"], default=e["speculative_algorithm"])
+    p.add_argument("--speculative-num-steps", type=int, default=e["speculative_num_steps"])
+    p.add_argument("--tensor-parallel-size", type=int, default=e["tensor_parallel_size"])
+    p.add_argument("--no-progress", action="store_true", default=not e["show_progress"],
+                   help="no progress bar while loading weights")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's); `glmserve up` splits the cores among workers")
 
 
-def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
-    if args.torch_threads:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line, engine flags that are accepted by the parser but not implemented yet."""
     if args.tensor_parallel_size != 1:
         raise SystemExit("--tensor-parallel-size > 1 is not supported yet")
     if args.speculative_algorithm != "none":
         raise SystemExit("--speculative-algorithm mtp is not supported yet")
+    if args.speculative_num_steps != ENGINE_DEFAULTS["speculative_num_steps"]:
+        raise SystemExit("--speculative-num-steps needs --speculative-algorithm mtp")
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags of `args` that differ from their defaults, as command-line arguments again (how
+    `glmserve up` hands every engine flag to its workers)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_engine_args(probe, with_host=False)
+    argv: list[str] = []
+    for action in probe._actions:
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif action.nargs == 0:  # store_true
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
+    check_engine_args(args)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     return EngineConfig(
         model=resolve_model_arg(args.model, cache_dir), dtype=args.dtype, device=args.device,
         load_format=args.load_format, seed=args.seed,
@@ -71,6 +142,8 @@ def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
         show_progress=not args.no_progress,
         enable_cuda_graph=not args.disable_cuda_graph,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        speculative_algorithm=args.speculative_algorithm, speculative_num_steps=args.speculative_num_steps,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -80,23 +153,27 @@ def worker_config(args: argparse.Namespace, role: str, cache_dir: Path) -> Worke
         role=role, engine=engine, served_model_name=args.served_model_name or Path(engine.model).name,
         host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
         advertise_host=args.advertise_host or ("127.0.0.1" if args.host in ("0.0.0.0", "") else args.host),
-        kv_port=getattr(args, "kv_port", 29600), max_waiting_requests=getattr(args, "max_waiting_requests", 256),
+        kv_port=getattr(args, "kv_port", WORKER_DEFAULTS["kv_port"]),
+        max_waiting_requests=getattr(args, "max_waiting_requests", WORKER_DEFAULTS["max_waiting_requests"]),
         drain_timeout=args.drain_timeout, kv_transfer_backend=args.kv_transfer_backend,
     )
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory (tokenizer, chat template)")
+    r = ROUTER_DEFAULTS
+    p.add_argument("--model", default=None,
+                   help="model directory (tokenizer, chat template) or preset (default: built-in tiny model)")
     p.add_argument("--served-model-name", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--tool-call-parser", choices=["glm45", "glm47"], default=None)
-    p.add_argument("--reasoning-parser", choices=["glm45"], default=None)
+    p.add_argument("--host", default=r["host"])
+    p.add_argument("--port", type=int, default=r["port"])
+    p.add_argument("--tool-call-parser", choices=["glm45", "glm47"], default=r["tool_call_parser"])
+    p.add_argument("--reasoning-parser", choices=["glm45"], default=r["reasoning_parser"])
     p.add_argument("--routing-policy", choices=["prefix-affinity", "least-loaded", "round-robin"],
-                   default="prefix-affinity")
-    p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument("--health-interval", type=float, default=1.0)
-    p.add_argument("--worker-wait-timeout", type=float, default=10.0,
+                   default=r["routing_policy"])
+    p.add_argument("--request-timeout", type=float, default=r["request_timeout"])
+    p.add_argument("--health-interval", type=float, default=r["health_interval"],
+                   help="seconds between polls of each worker's load and health")
+    p.add_argument("--worker-wait-timeout", type=float, default=r["worker_wait_timeout"],
                    help="seconds a request waits for a healthy prefill/decode worker before failing with 503")
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Iterator
 
 from glmserve.local_ports import free_ports
 
@@ -50,28 +51,39 @@ def _ready(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One process of the plan: `glmserve ARGS...`, ready once `ready_url` answers 200."""
+
+    name: str
+    args: tuple[str, ...]
+    ready_url: str
+    grpc_address: str = ""
+
+
+def process_specs(plan: LaunchPlan, ports: Iterator[int]) -> list[ProcessSpec]:
+    """The command lines `start` runs, workers first; `ports` gives each worker its gRPC and HTTP port."""
+    specs: list[ProcessSpec] = []
+    addrs: dict[str, list[str]] = {"prefill": [], "decode": []}
+    common = ("--model", plan.model, "--host", plan.host, *plan.worker_args)
+    for role, count in (("prefill", plan.num_prefill), ("decode", plan.num_decode)):
+        for i in range(count):
+            grpc_port, http_port = next(ports), next(ports)
+            # Only the prefill workers dial the KV port, and D tells them which one: the kernel may pick it.
+            kv = ("--kv-port", "0") if role == "decode" else ()
+            specs.append(ProcessSpec(f"{role}-{i}", (role, *common, "--grpc-port", str(grpc_port),
+                                                     "--http-port", str(http_port), *kv),
+                                     f"http://{plan.host}:{http_port}/ready", f"{plan.host}:{grpc_port}"))
+            addrs[role].append(f"{plan.host}:{grpc_port}")
+    specs.append(ProcessSpec("router", ("router", "--model", plan.model, "--host", plan.host, "--port", str(plan.port),
+                                        "--prefill", ",".join(addrs["prefill"]), "--decode", ",".join(addrs["decode"]),
+                                        *plan.router_args), f"http://{plan.host}:{plan.port}/health"))
+    return specs
+
+
 def start(plan: LaunchPlan) -> list[Proc]:
-    procs: list[Proc] = []
-    prefill_addrs, decode_addrs = [], []
-    common = ["--model", plan.model, "--host", plan.host, *plan.worker_args]
     ports = iter(free_ports(2 * (plan.num_prefill + plan.num_decode), plan.host))
-    for i in range(plan.num_prefill):
-        grpc_port, http_port = next(ports), next(ports)
-        procs.append(_spawn(f"prefill-{i}", ["prefill", *common, "--grpc-port", str(grpc_port),
-                                             "--http-port", str(http_port)], f"http://{plan.host}:{http_port}/ready",
-                            f"{plan.host}:{grpc_port}"))
-        prefill_addrs.append(f"{plan.host}:{grpc_port}")
-    for i in range(plan.num_decode):
-        grpc_port, http_port = next(ports), next(ports)
-        # Only the prefill workers dial the KV port, and D tells them which one: the kernel may pick it.
-        procs.append(_spawn(f"decode-{i}", ["decode", *common, "--grpc-port", str(grpc_port),
-                                            "--http-port", str(http_port), "--kv-port", "0"],
-                            f"http://{plan.host}:{http_port}/ready", f"{plan.host}:{grpc_port}"))
-        decode_addrs.append(f"{plan.host}:{grpc_port}")
-    procs.append(_spawn("router", ["router", "--model", plan.model, "--host", plan.host, "--port", str(plan.port),
-                                   "--prefill", ",".join(prefill_addrs), "--decode", ",".join(decode_addrs),
-                                   *plan.router_args], f"http://{plan.host}:{plan.port}/health"))
-    return procs
+    return [_spawn(s.name, list(s.args), s.ready_url, s.grpc_address) for s in process_specs(plan, ports)]
 
 
 def routable_workers(router_url: str) -> int:

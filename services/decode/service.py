@@ -28,8 +28,9 @@ from glmserve.engine.kv_receiver import KVLinkServer
 from glmserve.metrics import ServiceMetrics
 from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc
-from glmserve.worker.convert import STATE_TO_PB, FINISH_TO_PB, params_from_pb, params_to_pb, sampled_from_pb, token_logprob_to_pb
+from glmserve.worker.convert import STATE_TO_PB, FINISH_TO_PB, params_from_pb, sampled_from_pb, token_logprob_to_pb
 from glmserve.worker.config import WorkerConfig
+from glmserve.worker.kv_device import kv_link_device
 from glmserve.worker.grpc_options import insecure_channel
 from glmserve.worker.lifecycle import Lifecycle
 from glmserve.worker.load import load_report
@@ -55,7 +56,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.link_server = KVLinkServer(cfg.host if cfg.host not in ("localhost",) else "127.0.0.1", cfg.kv_port,
-                                        cfg.kv_link_device(self.engine.device), timeout_s=cfg.kv_timeout,
+                                        kv_link_device(cfg.kv_transfer_backend, self.engine.device), timeout_s=cfg.kv_timeout,
                                         observer=prometheus_observer(metrics))
         self.connector = DecodeKVConnector(async_engine.deliver)
         self.engine.scheduler.kv_connector = self.connector

@@ -108,10 +108,6 @@ class ModelConfig:
         return scale
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        return parse_hf_config(raw)
-
-    @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         return parse_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
@@ -229,6 +225,20 @@ def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """config.json, with eos/bos/pad ids from generation_config.json where it has them (it wins: it is what
+    generation stops on)."""
+    d = Path(model_dir)
+    raw = json.loads((d / "config.json").read_text())
+    gen_path = d / "generation_config.json"
+    if gen_path.exists():
+        gen = json.loads(gen_path.read_text())
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if gen.get(key) is not None:
+                raw[key] = gen[key]
+    return parse_hf_config(raw)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -266,3 +276,12 @@ class EngineConfig:
     # CUDA with a graph-safe attention backend (engine/cuda_graphs.py), eager everywhere else.
     enable_cuda_graph: bool = True
     cuda_graph_max_batch_size: int = 512
+    # "mtp" builds and loads the checkpoint's MTP layer (the draft model of speculative decoding); "none"
+    # leaves it out, its tensors unread (on GLM-4.7 it is ~7.5 GB of bf16 the KV cache keeps instead).
+    speculative_algorithm: str = "none"  # none | mtp
+    speculative_num_steps: int = 1
+    tensor_parallel_size: int = 1  # only 1 yet (the CLI refuses more)
+
+    @property
+    def with_mtp(self) -> bool:
+        return self.speculative_algorithm == "mtp"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -262,8 +263,9 @@ def finish_fp8(model: nn.Module, dtype: torch.dtype) -> None:
 
 @torch.no_grad()
 def load_fp8_weights(model: nn.Module, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
-                     show_progress: bool = True) -> set[str]:
-    """Load an FP8 checkpoint into a model already converted by `convert_to_fp8`."""
+                     show_progress: bool = True, skip: Callable[[str], bool] | None = None) -> set[str]:
+    """Load an FP8 checkpoint into a model already converted by `convert_to_fp8`; names `skip` accepts are
+    not read."""
     from glmserve.engine.weights import iterate_weights
 
     for module in model.modules():
@@ -273,7 +275,7 @@ def load_fp8_weights(model: nn.Module, model_dir: str | Path, cfg: ModelConfig, 
                 buf.fill_(float("nan"))
     scales: dict[str, torch.Tensor] = {}
     loaded = model.load_weights(split_scales(
-        iterate_weights(model_dir, dtype, keep_fp8=True, show_progress=show_progress), scales))
+        iterate_weights(model_dir, dtype, keep_fp8=True, show_progress=show_progress, skip=skip), scales))
     assign_scales(model, scales, cfg)
     finish_fp8(model, dtype)
     return loaded

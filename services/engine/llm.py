@@ -12,21 +12,10 @@ from tqdm import tqdm
 from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from glmserve.engine.engine import LLMEngine
+from glmserve.engine.model_source import DEFAULT_CACHE_DIR, resolve_model
 from glmserve.engine.outputs import CompletionOutput, EngineOutput, Logprob, RequestOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.tokenizer import Tokenizer
-
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "glmserve"
-
-
-def resolve_model(model: str | None, cache_dir: Path = DEFAULT_CACHE_DIR) -> str:
-    """None means the built-in tiny model, built on first use."""
-    if model:
-        return model
-    from glmserve.engine.tiny_model import default_tiny_model_dir
-
-    return str(default_tiny_model_dir(cache_dir))
-
 
 @dataclass
 class _Sequence:
@@ -45,12 +34,17 @@ class _Sequence:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "auto",
-                 load_format: str = "auto", seed: int = 0, max_model_len: int | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
-                 max_num_batched_tokens: int = 8192, max_num_seqs: int = 256, chunked_prefill_size: int = 8192,
-                 attention_backend: str = "auto", show_progress: bool = True,
-                 cache_dir: str | Path | None = None):
+    # Defaults are the config dataclasses' own (one source).
+    def __init__(self, model: str | None = None, *, dtype: str = EngineConfig.dtype, device: str = EngineConfig.device,
+                 load_format: str = EngineConfig.load_format, seed: int = EngineConfig.seed,
+                 max_model_len: int | None = SchedulerConfig.max_model_len, block_size: int = CacheConfig.block_size,
+                 num_kv_blocks: int | None = CacheConfig.num_blocks,
+                 enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
+                 max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens,
+                 max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                 chunked_prefill_size: int = SchedulerConfig.chunked_prefill_size,
+                 attention_backend: str = EngineConfig.prefill_attention_backend,
+                 show_progress: bool = EngineConfig.show_progress, cache_dir: str | Path | None = None):
         model_path = resolve_model(model, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
         cfg = EngineConfig(
             model=model_path, dtype=dtype, device=device, load_format=load_format, seed=seed,

@@ -7,7 +7,6 @@ copy at full size); keep the router in fp32; then fill it from the checkpoint or
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +14,11 @@ import torch
 from torch import nn
 
 from glmserve.engine.attention.backend import AttentionBackend
-from glmserve.engine.config import ModelConfig
+from glmserve.engine.config import ModelConfig, read_model_config
 from glmserve.engine.dtypes import resolve_device, resolve_dtype
 from glmserve.engine.fp8 import Fp8Layout, convert_to_fp8, load_fp8_weights, plan_fp8
 from glmserve.engine.models.registry import model_class
-from glmserve.engine.models.weight_utils import keep_router_fp32
+from glmserve.engine.models.weight_utils import is_mtp_weight, keep_router_fp32
 from glmserve.engine.presets import canonical_preset, preset_config
 from glmserve.engine.weights import fill_dummy_weights, iterate_weights
 
@@ -33,20 +32,6 @@ class LoadedModel:
     model_dir: Path | None
     dtype: torch.dtype
     device: torch.device
-
-
-def read_model_config(model_dir: str | Path) -> ModelConfig:
-    """config.json, with eos/bos/pad ids from generation_config.json where it has them (it wins: it is what
-    generation stops on)."""
-    d = Path(model_dir)
-    raw = json.loads((d / "config.json").read_text())
-    gen_path = d / "generation_config.json"
-    if gen_path.exists():
-        gen = json.loads(gen_path.read_text())
-        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if gen.get(key) is not None:
-                raw[key] = gen[key]
-    return ModelConfig.from_dict(raw)
 
 
 def _resolve_source(model: str, load_format: str) -> tuple[ModelConfig, Path | None, str]:
@@ -66,12 +51,12 @@ def _resolve_source(model: str, load_format: str) -> tuple[ModelConfig, Path | N
 
 
 def build_model(cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device,
-                fp8_layout: Fp8Layout | None = None) -> nn.Module:
+                fp8_layout: Fp8Layout | None = None, with_mtp: bool = False) -> nn.Module:
     """An uninitialised model in `dtype` on `device` (router parameters in fp32); with `fp8_layout`, the
     modules whose checkpoint weights are FP8 get FP8 weights (engine/fp8.py), converted before any memory
-    is allocated at full precision."""
+    is allocated at full precision. with_mtp: build the MTP layer too (speculative decoding only)."""
     with torch.device("meta"):
-        model = model_class(cfg.arch)(cfg, backend)
+        model = model_class(cfg.arch)(cfg, backend, with_mtp=with_mtp)
     model = model.to(dtype=dtype)
     if fp8_layout is not None:
         convert_to_fp8(model, fp8_layout, cfg)
@@ -90,11 +75,13 @@ def load_model(
     backend: AttentionBackend | None = None,
     show_progress: bool = True,
     seed: int = 0,
+    with_mtp: bool = False,
 ) -> LoadedModel:
     """Load `model` (a HF model directory or a preset name such as "GLM-4.7-Flash").
 
     load_format: "auto" (safetensors for a directory, dummy for a preset), "safetensors", or "dummy"
     (the real config with random weights, no files read). The model keeps `backend` as `.backend`.
+    with_mtp: build and load the checkpoint's MTP layer; without it its tensors are not even read.
     """
     cfg, model_dir, fmt = _resolve_source(model, load_format)
     dev = resolve_device(device)
@@ -105,12 +92,13 @@ def load_model(
         backend = registry.create("auto", dev)
     # FP8 checkpoints stay FP8 on GPUs with FP8 tensor cores; everywhere else they are dequantized.
     fp8_layout = plan_fp8(cfg, dev, model_dir) if fmt != "dummy" else None
-    net = build_model(cfg, backend, torch_dtype, dev, fp8_layout=fp8_layout)
+    net = build_model(cfg, backend, torch_dtype, dev, fp8_layout=fp8_layout, with_mtp=with_mtp)
+    skip = None if with_mtp else (lambda name: is_mtp_weight(name, cfg))
     with torch.no_grad():
         if fmt == "dummy":
             fill_dummy_weights(net, seed=seed)
         elif fp8_layout is not None:
-            load_fp8_weights(net, model_dir, cfg, torch_dtype, show_progress=show_progress)
+            load_fp8_weights(net, model_dir, cfg, torch_dtype, show_progress=show_progress, skip=skip)
         else:
-            net.load_weights(iterate_weights(model_dir, torch_dtype, show_progress=show_progress))
+            net.load_weights(iterate_weights(model_dir, torch_dtype, show_progress=show_progress, skip=skip))
     return LoadedModel(model=net, config=cfg, model_dir=model_dir, dtype=torch_dtype, device=dev)

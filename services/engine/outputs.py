@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampled_token import SampledToken
 
 
 @dataclass

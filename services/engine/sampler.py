@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -47,13 +48,6 @@ class SamplingRow:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: float | None = None  # of the sampled token, under the raw logits; None unless asked
-    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), descending
 
 
 # -- pure helpers: each returns a new tensor and leaves its input alone ---------------------------

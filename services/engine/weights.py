@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -61,12 +61,13 @@ def iterate_weights(
     *,
     keep_fp8: bool = False,
     show_progress: bool = True,
+    skip: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor of the checkpoint, on the CPU.
 
     Floating tensors are cast to `dtype` when given, except fp32 ones named `*e_score_correction_bias`
     (precision matters for expert selection; the parameter decides its dtype). FP8 weights are
-    dequantized (their `weight_scale` is consumed) unless keep_fp8.
+    dequantized (their `weight_scale` is consumed) unless keep_fp8. Names `skip` accepts are never read.
     """
     from safetensors import safe_open
 
@@ -74,7 +75,7 @@ def iterate_weights(
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files]
         where = {k: h for h in handles for k in h.keys()}
-        names = [k for k in where if keep_fp8 or not k.endswith(".weight_scale")]
+        names = [k for k in where if (keep_fp8 or not k.endswith(".weight_scale")) and not (skip and skip(k))]
         bar = tqdm(total=len(names), desc="Loading weights", unit="tensor", disable=not show_progress)
         try:
             for name in names:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
-import grpc
 
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.kv_link import KVTransferError, LinkAddress, prometheus_observer
@@ -18,6 +16,7 @@ from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.worker.convert import STATE_TO_PB, params_from_pb, token_logprob_to_pb
 from glmserve.worker.config import WorkerConfig
+from glmserve.worker.kv_device import kv_link_device
 from glmserve.worker.lifecycle import Lifecycle
 from glmserve.worker.load import load_report
 
@@ -35,7 +34,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine = async_engine.engine
         self.metrics = metrics
         self.lifecycle = lifecycle
-        self.links = KVLinkClient(cfg.kv_link_device(self.engine.device), timeout_s=cfg.kv_timeout, observer=prometheus_observer(metrics))
+        self.links = KVLinkClient(kv_link_device(cfg.kv_transfer_backend, self.engine.device), timeout_s=cfg.kv_timeout, observer=prometheus_observer(metrics))
         self.streamer = KVStreamer(self.engine.runner.kv_caches)
         self.engine.step_observer = self.streamer
 

@@ -1,4 +1,5 @@
-"""Where the router's requests are computed: an in-process engine, or the disaggregated workers.
+"""Where the router's requests are computed: the disaggregated workers (grpc_backend), or an engine in the
+same process (glmserve.single_process).
 
 Both give the same async stream of token deltas, so the HTTP layer does not know which it talks to.
 """
@@ -9,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 
 
@@ -55,34 +56,3 @@ class GenerationBackend(ABC):
 
     def healthy(self) -> bool:
         return True
-
-
-class InProcessBackend(GenerationBackend):
-    """One engine in the router's process (single-process serving, and the baseline in benchmarks)."""
-
-    def __init__(self, async_engine):
-        self.async_engine = async_engine
-        eng = async_engine.engine
-        self._info = ModelInfo(eng.max_model_len, eng.model_config.vocab_size, eng.default_eos)
-
-    def model_info(self) -> ModelInfo:
-        return self._info
-
-    async def start(self) -> None:
-        self.async_engine.start()
-
-    async def stop(self) -> None:
-        self.async_engine.stop()
-
-    def healthy(self) -> bool:
-        return self.async_engine.dead is None
-
-    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None):
-        from glmserve.engine.engine import RequestError
-
-        try:
-            async for out in self.async_engine.generate(request_id, prompt_token_ids, params, eos_token_ids):
-                yield TokenDelta(out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason,
-                                 out.stop_reason, out.num_prompt_tokens, out.num_cached_tokens)
-        except RequestError as exc:
-            raise BackendError(str(exc), status=400) from exc

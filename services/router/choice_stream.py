@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from glmserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.tokenizer import Tokenizer
 from glmserve.router.backend import TokenDelta

@@ -1,14 +1,12 @@
-"""`glmserve router` (disaggregated) and `glmserve serve` (router with an in-process engine)."""
+"""`glmserve router`: the HTTP front of the disaggregated workers (`glmserve serve` is in glmserve.single_process)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import uvicorn
 
-from glmserve.engine.config import EngineConfig
+from glmserve.engine.config import read_model_config
 from glmserve.metrics import ServiceMetrics
 from glmserve.router.app import create_app
 from glmserve.router.backend import ModelInfo
@@ -20,14 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def model_info_from_dir(model_dir: str, max_model_len: int | None) -> ModelInfo:
-    from glmserve.engine.loader import read_model_config
-
     cfg = read_model_config(model_dir)
     limit = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     return ModelInfo(limit, cfg.vocab_size, frozenset(cfg.eos_token_ids))
 
 
-def _serve(app, cfg: RouterConfig) -> int:
+def serve_http(app, cfg: RouterConfig) -> int:
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
@@ -39,18 +35,4 @@ def run_router(cfg: RouterConfig, discovery: WorkerDiscovery, max_model_len: int
     metrics = ServiceMetrics("router", cfg.served_model_name)
     pool = WorkerPool(discovery, metrics, poll_interval=cfg.health_interval, policy=cfg.routing_policy)
     backend = DisaggregatedBackend(pool, model_info_from_dir(cfg.model, max_model_len), cfg.worker_wait_timeout)
-    return _serve(create_app(RouterState.build(cfg, backend, metrics)), cfg)
-
-
-def run_single_process(cfg: RouterConfig, engine_cfg: EngineConfig) -> int:
-    from glmserve.engine.async_engine import AsyncEngine
-    from glmserve.engine.engine import LLMEngine
-    from glmserve.router.backend import InProcessBackend
-    from glmserve.worker.engine_metrics import EngineMetrics
-
-    metrics = ServiceMetrics("router", cfg.served_model_name)
-    engine = LLMEngine(engine_cfg)
-    async_engine = AsyncEngine(engine)
-    async_engine.step_hooks.append(EngineMetrics(metrics).on_step)
-    backend = InProcessBackend(async_engine)
-    return _serve(create_app(RouterState.build(cfg, backend, metrics)), cfg)
+    return serve_http(create_app(RouterState.build(cfg, backend, metrics)), cfg)

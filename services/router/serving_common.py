@@ -11,7 +11,7 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request
 
-from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.metrics import ServiceMetrics
 from glmserve.router.backend import BackendError, GenerationBackend

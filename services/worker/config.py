@@ -7,14 +7,18 @@ from dataclasses import dataclass
 from glmserve.engine.config import EngineConfig
 
 
+# Each role's default (gRPC, HTTP) ports: distinct, so one prefill and one decode worker share a host.
+DEFAULT_PORTS = {"prefill": (50061, 8101), "decode": (50071, 8201)}
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     role: str  # prefill | decode
     engine: EngineConfig
     served_model_name: str
     host: str = "127.0.0.1"
-    grpc_port: int = 50061
-    http_port: int = 8101
+    grpc_port: int = DEFAULT_PORTS["prefill"][0]
+    http_port: int = DEFAULT_PORTS["prefill"][1]
     # Address other processes use to reach this worker (advertised in KV link addresses).
     advertise_host: str = "127.0.0.1"
     kv_port: int = 29600  # decode only: the KV link's TCPStore
@@ -26,13 +30,3 @@ class WorkerConfig:
     kv_timeout: float = 30.0
     drain_timeout: float = 30.0
     kv_transfer_backend: str = "auto"  # auto | nccl | gloo
-
-    def kv_link_device(self, engine_device):
-        """Where KV link buffers live: the engine's device for NCCL, the host for gloo."""
-        import torch
-
-        if self.kv_transfer_backend == "gloo":
-            return torch.device("cpu")
-        if self.kv_transfer_backend == "nccl" and torch.device(engine_device).type != "cuda":
-            raise ValueError("--kv-transfer-backend nccl needs the model on CUDA")
-        return torch.device(engine_device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.protos import worker_pb2 as pb
 from glmserve.worker.lifecycle import ServingState

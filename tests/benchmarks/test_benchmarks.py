@@ -1,5 +1,5 @@
-"""The GPU benchmarks in benchmarks/: the roofline numbers against DESIGN.md §6, the smoke mode of every
-script (`--device cpu --tiny`: same code at toy shapes, JSON written), and the fast "needs CUDA" stop of
+"""The GPU benchmarks in benchmarks/: the roofline numbers against the yardsticks in benchmarks/README.md,
+the smoke mode of every script (`--device cpu --tiny`: same code at toy shapes, JSON written), and the fast "needs CUDA" stop of
 a full run on a machine without a GPU."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def flash():
 
 def test_decode_bytes_match_the_design_yardsticks(flash):
     one = roofline.decode_bytes(flash, batch=1, context=1024)
-    assert 6.9e9 < one["total"] < 7.5e9  # DESIGN §6: ~7.2 GB per step at batch 1
+    assert 6.9e9 < one["total"] < 7.5e9  # yardstick: ~7.2 GB per step at batch 1
     assert one["experts_touched_per_layer"] == pytest.approx(flash.num_experts_per_tok)
     b64 = roofline.decode_bytes(flash, batch=64, context=1024)
     assert 59e9 < b64["total"] < 65e9  # ~62 GB: nearly every expert is touched
@@ -42,7 +42,7 @@ def test_decode_bytes_match_the_design_yardsticks(flash):
 
 def test_prefill_flops_match_the_design_yardstick(flash):
     f = roofline.prefill_flops(flash, chunk=1024)
-    assert 6.5e9 < f["total"] / 1024 < 8.5e9  # DESIGN §6: ~7 GFLOP per token at 1k context
+    assert 6.5e9 < f["total"] / 1024 < 8.5e9  # yardstick: ~7 GFLOP per token at 1k context
     longer = roofline.prefill_flops(flash, chunk=8192)
     # per token, causal attention grows with the chunk (the W_UK / W_UV absorption part does not)
     assert longer["attention"] / 8192 > 4 * f["attention"] / 1024

@@ -211,7 +211,6 @@ def test_auto_on_this_gpu_builds_a_gpu_backend():
 
 def test_roles_share_one_backend_on_cpu_and_split_when_asked():
     from glmserve.engine.attention.registry import create_for_roles
-    from glmserve.engine.attention.split_backend import SplitAttentionBackend
     from glmserve.engine.attention.torch_backend import TorchAttentionBackend
 
     assert isinstance(create_for_roles("auto", "auto", torch.device("cpu")), TorchAttentionBackend)

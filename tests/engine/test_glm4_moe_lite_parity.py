@@ -44,7 +44,7 @@ def hf(ckpt):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    return load_ours(ckpt)
+    return load_ours(ckpt, with_mtp=True)  # test_mtp_layer_loaded needs the draft layer
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def pair(request, tmp_path_factory):
     """(transformers model, our LoadedModel) for one tiny checkpoint."""
     d = make_checkpoint("glm4_moe", tmp_path_factory.mktemp("glm4_moe"), vocab_size=VOCAB, seed=3,
                         overrides={"use_qk_norm": request.param})
-    return load_hf_model(d), load_ours(d)
+    return load_hf_model(d), load_ours(d, with_mtp=True)  # the MTP parity test needs the draft layer
 
 
 def test_tiny_config_is_non_default(pair):

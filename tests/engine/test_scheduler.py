@@ -3,7 +3,7 @@
 from glmserve.engine.block_pool import BlockPool
 from glmserve.engine.config import SchedulerConfig
 from glmserve.engine.request import Request, RequestStatus
-from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
 

@@ -39,8 +39,8 @@ def _file_tensors(model_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fresh(cfg: ModelConfig):
-    return build_model(cfg, TorchAttentionBackend(), torch.float32, torch.device("cpu"))
+def _fresh(cfg: ModelConfig, with_mtp: bool = False):
+    return build_model(cfg, TorchAttentionBackend(), torch.float32, torch.device("cpu"), with_mtp=with_mtp)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_loaded(single):
-    return load_ours(single)
+    return load_ours(single, with_mtp=True)
 
 
 def test_sharded_checkpoint_matches_reference_and_single_file(tmp_path, single, single_loaded):
@@ -93,7 +93,7 @@ def test_fused_3d_expert_layout_loads_the_same(single, single_loaded):
         fused[p + "gate_up_proj"] = torch.stack(
             [torch.cat([tensors.pop(f"{p}{e}.gate_proj.weight"), tensors.pop(f"{p}{e}.up_proj.weight")]) for e in e_range])
         fused[p + "down_proj"] = torch.stack([tensors.pop(f"{p}{e}.down_proj.weight") for e in e_range])
-    model = _fresh(cfg)
+    model = _fresh(cfg, with_mtp=True)
     model.load_weights(list(tensors.items()) + list(fused.items()))
     expected = single_loaded.model.state_dict()
     for name, p in model.state_dict().items():
@@ -148,15 +148,57 @@ def test_mtp_weights_equal_the_files(single, single_loaded):
 def test_missing_mtp_weights_are_fine_partial_ones_are_not(tmp_path, single):
     d = make_checkpoint("glm4_moe", tmp_path / "nomtp", vocab_size=VOCAB, seed=5,
                         overrides={"num_nextn_predict_layers": 0})
-    assert load_ours(d).model.mtp is None
+    assert load_ours(d, with_mtp=True).model.mtp is None
     raw = json.loads((d / "config.json").read_text())
     raw["num_nextn_predict_layers"] = 1  # config announces an MTP layer the files lack
     (d / "config.json").write_text(json.dumps(raw))
-    loaded = load_ours(d)
+    loaded = load_ours(d, with_mtp=True)
     assert loaded.config.num_nextn_predict_layers == 1 and loaded.model.mtp is None
     partial = [(n, t) for n, t in iterate_weights(single, show_progress=False) if n != "model.layers.3.eh_proj.weight"]
     with pytest.raises(WeightLoadError, match="eh_proj"):
-        _fresh(loaded.config).load_weights(partial)
+        _fresh(loaded.config, with_mtp=True).load_weights(partial)
+
+
+def test_without_mtp_no_mtp_parameters_exist_and_its_tensors_are_not_read(single, single_loaded, monkeypatch):
+    from glmserve.engine import loader, weights
+
+    n = single_loaded.config.num_hidden_layers
+    read: list[str] = []
+    real = weights.iterate_weights
+
+    def recording(*args, **kwargs):
+        for name, t in real(*args, **kwargs):
+            read.append(name)
+            yield name, t
+
+    monkeypatch.setattr(loader, "iterate_weights", recording)
+    plain = load_ours(single)  # with_mtp defaults to off
+    assert plain.config.num_nextn_predict_layers == 1  # the checkpoint has an MTP layer...
+    assert plain.model.mtp is None  # ...which is not built
+    assert not [p for p, _ in plain.model.named_parameters() if p.startswith("mtp.")]
+    mtp_files = [k for k in _file_tensors(single) if k.startswith(f"model.layers.{n}.")]
+    assert mtp_files and not set(mtp_files) & set(read)  # never read from disk
+    assert len(read) == len(_file_tensors(single)) - len(mtp_files)  # everything else was
+    sizes = [sum(p.numel() for p in m.model.parameters()) for m in (plain, single_loaded)]
+    assert sizes[0] < sizes[1]
+    # The main model is unaffected: same weights, same logits.
+    with_mtp = single_loaded.model.state_dict()
+    for name, p in plain.model.state_dict().items():
+        assert torch.equal(p, with_mtp[name]), name
+    assert torch.equal(_logits(plain), _logits(single_loaded))
+
+
+def test_engine_builds_mtp_only_for_speculative_decoding(single):
+    from glmserve.engine.config import CacheConfig, EngineConfig
+    from glmserve.engine.engine import LLMEngine
+
+    def engine(**kw):
+        return LLMEngine(EngineConfig(model=str(single), dtype="float32", device="cpu", show_progress=False,
+                                      cache=CacheConfig(num_blocks=8), enable_cuda_graph=False, **kw))
+
+    assert EngineConfig(model="m").speculative_algorithm == "none"
+    assert engine().loaded.model.mtp is None
+    assert engine(speculative_algorithm="mtp").loaded.model.mtp is not None
 
 
 def test_dummy_load_reads_no_files(tmp_path):

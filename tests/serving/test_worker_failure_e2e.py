@@ -68,7 +68,7 @@ def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_
                 async for _ in stream:
                     started.set()
                 return "completed", None
-            except openai.APIError as exc:
+            except openai.APIError:
                 return "error", time.monotonic() - kill_time[0]
 
         killed: list[int] = []

@@ -46,11 +46,6 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(index)
 
 
-def is_hopper(device: torch.device) -> bool:
-    cap = cuda_capability(device)
-    return cap is not None and cap[0] == 9
-
-
 def _require_cuda(device: torch.device, what: str) -> tuple[int, int]:
     device = torch.device(device)
     if device.type != "cuda":
@@ -87,11 +82,3 @@ def check_fa3(device: torch.device) -> None:
         raise BackendUnavailable(
             "the fa3 attention backend needs the FlashAttention-3 library (`flash_attn_interface`) or "
             "`flashinfer-python` (neither is installed)")
-
-
-def runnable(check, device: torch.device) -> bool:
-    try:
-        check(device)
-    except BackendUnavailable:
-        return False
-    return True

@@ -15,7 +15,6 @@ split: FA3 prefill, FlashInfer decode); without flashinfer FA3 runs them too.
 
 from __future__ import annotations
 
-import torch
 
 from glmserve.engine.attention.backend import AttentionBackend, MLAWeights
 from glmserve.engine.attention.capability import BackendUnavailable, fa3_installed, flashinfer_installed

@@ -1,4 +1,4 @@
-"""GLM-4.5 / 4.6 / 4.7 (`glm4_moe`): GQA attention + the GLM MoE (DESIGN.md §4).
+"""GLM-4.5 / 4.6 / 4.7 (`glm4_moe`): GQA attention + the GLM MoE (docs/MODELS.md §2, §4).
 
 Flat token batches: every tensor is [T, ...] over the step's new tokens; the attention backend finds
 each token's sequence and cached context through the ForwardContext. Module names mirror the Hugging

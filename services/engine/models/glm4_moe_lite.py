@@ -1,4 +1,4 @@
-"""GLM-4.7-Flash (`glm4_moe_lite`): MLA attention + the GLM MoE (DESIGN.md §4).
+"""GLM-4.7-Flash (`glm4_moe_lite`): MLA attention + the GLM MoE (docs/MODELS.md §3, §4).
 
 Module names mirror the Hugging Face checkpoint (`model.layers.N.self_attn.q_a_proj`, ...), so most
 weights load by name; weight_utils maps the fused/stacked exceptions (gate/up, experts, router, MTP).
@@ -27,7 +27,7 @@ class Glm4MoeLiteForCausalLM(GLMForCausalLM):
         return RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, interleaved=cfg.rope_interleave,
                                scaling=cfg.rope_scaling)
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, with_mtp: bool = False):
         if not cfg.is_mla:
             raise ValueError(f"Glm4MoeLiteForCausalLM needs a glm4_moe_lite config, got arch={cfg.arch!r}")
-        super().__init__(cfg, backend)
+        super().__init__(cfg, backend, with_mtp)

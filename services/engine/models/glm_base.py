@@ -19,7 +19,7 @@ from glmserve.engine.models.layers import Linear, RMSNorm, SwiGLUMLP
 from glmserve.engine.models.moe import MoE
 from glmserve.engine.models.mtp import MTPLayer, mtp_optional
 from glmserve.engine.models.rope import RotaryEmbedding
-from glmserve.engine.models.weight_utils import load_named_weights
+from glmserve.engine.models.weight_utils import hf_weight_target, hf_weight_target_without_mtp, load_named_weights
 
 
 class GLMDecoderLayer(nn.Module):
@@ -72,7 +72,9 @@ class GLMForCausalLM(nn.Module):
     def make_rotary(cfg: ModelConfig) -> RotaryEmbedding:
         raise NotImplementedError
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, with_mtp: bool = False):
+        """with_mtp: build the checkpoint's MTP layer (only speculative decoding uses it; on GLM-4.7 it is
+        ~7.5 GB of bf16 taken from the KV cache). Without it the checkpoint's MTP tensors are skipped."""
         super().__init__()
         self.cfg = cfg
         self.backend = backend
@@ -80,7 +82,7 @@ class GLMForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.tie_weights()
         self.mtp: MTPLayer | None = None
-        if cfg.num_nextn_predict_layers > 0:
+        if with_mtp and cfg.num_nextn_predict_layers > 0:
             self.mtp = MTPLayer(cfg, backend, self.layer_cls, self.model.rotary)
 
     def tie_weights(self) -> None:
@@ -99,9 +101,10 @@ class GLMForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named checkpoint tensors; returns the parameter names loaded. Unknown names, wrong shapes
         and missing weights raise WeightLoadError. MTP weights are optional: without them `self.mtp` becomes
-        None; without only its embed/head it shares the main model's."""
+        None; without only its embed/head it shares the main model's. A model built without MTP skips them."""
         optional = mtp_optional(self.cfg.tie_word_embeddings)
-        loaded, _ = load_named_weights(self, weights, self.cfg, optional=optional)
+        target_fn = hf_weight_target if self.mtp is not None else hf_weight_target_without_mtp
+        loaded, _ = load_named_weights(self, weights, self.cfg, target_fn=target_fn, optional=optional)
         if self.mtp is not None:
             self.mtp = self.mtp.finish_loading(loaded, self.model.embed_tokens, self.lm_head)
         return loaded

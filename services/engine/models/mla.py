@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA) of GLM-4.7-Flash (DESIGN.md §4, Glm4MoeLite).
+"""Multi-head latent attention (MLA) of GLM-4.7-Flash (docs/MODELS.md §3).
 
 Per token the model computes a compressed KV latent (`kv_lora_rank` values, RMS-normalised) and one
 RoPE'd key slice shared by all heads (`qk_rope_head_dim` values); only these two go to the cache. The

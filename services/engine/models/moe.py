@@ -1,4 +1,4 @@
-"""GLM MoE: sigmoid group-limited router + SwiGLU experts + shared experts (DESIGN.md §4).
+"""GLM MoE: sigmoid group-limited router + SwiGLU experts + shared experts (docs/MODELS.md §4).
 
 The router's correction bias only chooses experts; the weights come from the unbiased sigmoid scores.
 """

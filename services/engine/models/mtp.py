@@ -1,11 +1,12 @@
-"""The multi-token-prediction (MTP) layer GLM checkpoints carry at index `num_hidden_layers` (DESIGN.md §4).
+"""The multi-token-prediction (MTP) layer GLM checkpoints carry at index `num_hidden_layers` (docs/MODELS.md §5).
 
 Draft step: x = eh_proj(concat(enorm(embed(token)), hnorm(h_prev))) -> one decoder layer -> shared_head.norm;
 logits = shared_head.head(that). h_prev is the target model's final (normed) hidden state at the previous
 position. The decoder layer is of the model's own kind (GQA or MLA), passed in as a class, and uses KV-cache
 layer `num_hidden_layers`: a context used with the MTP layer must hold num_hidden_layers + 1 caches.
 
-Loaded when the checkpoint has its weights; speculative decoding itself comes later.
+Built only when speculative decoding asks for it (`with_mtp`, from EngineConfig.speculative_algorithm), and then
+loaded when the checkpoint has its weights; speculative decoding itself comes later.
 """
 
 from __future__ import annotations

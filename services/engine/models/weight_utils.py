@@ -97,6 +97,17 @@ def hf_weight_target(name: str, cfg: ModelConfig) -> WeightTarget | None:
     return WeightTarget(name)  # not a parameter of ours: reported as unknown
 
 
+def is_mtp_weight(name: str, cfg: ModelConfig) -> bool:
+    """A checkpoint tensor of the MTP layer (`model.layers.{num_hidden_layers}.*`), scales included."""
+    m = _LAYER.match(name)
+    return bool(m) and cfg.num_nextn_predict_layers > 0 and int(m[1]) == cfg.num_hidden_layers
+
+
+def hf_weight_target_without_mtp(name: str, cfg: ModelConfig) -> WeightTarget | None:
+    """hf_weight_target for a model built without its MTP layer: the checkpoint's MTP tensors are skipped."""
+    return None if is_mtp_weight(name, cfg) else hf_weight_target(name, cfg)
+
+
 def _fmt(names: Iterable[str], limit: int = 40) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
