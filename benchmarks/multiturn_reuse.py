@@ -84,7 +84,7 @@ def run_mode(model: Path, reuse: bool, a: argparse.Namespace, workdir: Path) -> 
                    workdir / "d1.log"),
              start(["decode", *common, *decode_extra, "--grpc-port", str(d2), "--http-port", str(h2), "--kv-port", "0"],
                    workdir / "d2.log"),
-             start(["router", "--model", str(model), "--port", str(rport), "--prefill", f"127.0.0.1:{pp}",
+             start(["router", "--model", str(model), "--served-model-name", "m", "--port", str(rport), "--prefill", f"127.0.0.1:{pp}",
                     "--decode", f"127.0.0.1:{d1},127.0.0.1:{d2}"], workdir / "r.log")]
     base = f"http://127.0.0.1:{rport}"
     decode_http = [f"http://127.0.0.1:{h1}", f"http://127.0.0.1:{h2}"]

@@ -59,7 +59,7 @@ class ModelRunner:
         self.spec = kv_cache_spec(model_cfg, cache_cfg.block_size)
         self.num_blocks = plan_num_blocks(self.spec, model_cfg.num_hidden_layers, dtype, device, cache_cfg)
         self.kv_caches = allocate_kv_caches(self.spec, model_cfg.num_hidden_layers, self.num_blocks, dtype, device)
-        select_kernels(model, device)
+        self.kernels = select_kernels(model, device)  # which kernels were chosen: the benchmarks report it
         max_len = max_model_len or model_cfg.max_position_embeddings
         self.inputs = StepInputBuilder(min(self.num_blocks, -(-max_len // self.block_size) + 1), self.block_size, device)
         self.graphs: CudaGraphRunner | None = None
