@@ -65,7 +65,8 @@ def _cmd_router(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from glmserve.single_process.main import run_single_process
 
-    return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir()))
+    return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir()),
+                              metrics_compat=args.metrics_compat)
 
 
 def up_plan(args: argparse.Namespace, model: str):
@@ -84,7 +85,7 @@ def up_plan(args: argparse.Namespace, model: str):
     router_args = ["--served-model-name", name, "--request-timeout", str(args.request_timeout),
                    "--routing-policy", args.routing_policy, "--health-interval", str(args.health_interval),
                    "--worker-wait-timeout", str(args.worker_wait_timeout)]
-    for flag in ("tool_call_parser", "reasoning_parser", "max_model_len"):
+    for flag in ("tool_call_parser", "reasoning_parser", "max_model_len", "api_key", "chat_template", "tokenizer"):
         if getattr(args, flag) is not None:
             router_args += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return LaunchPlan(model=model, num_prefill=args.prefill, num_decode=args.decode, port=args.port, host=args.host,
@@ -185,8 +186,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _subcommand_index(argv: list[str]) -> int:
+    """Where the subcommand word is (after top-level options such as --log-level X)."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 1 if "=" in argv[i] or argv[i] in ("-h", "--help") else 2
+    return i
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse argv; `serve` and `up` first take vLLM/LightLLM spellings (cli_compat), and an unknown flag is
+    reported with the subcommand's own usage rather than the top-level one."""
+    from glmserve.cli_compat import translate
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    i = _subcommand_index(argv)
+    if i < len(argv) and argv[i] in ("serve", "up"):
+        sub = commands[argv[i]]
+        known = {opt: a.nargs != 0 for a in sub._actions for opt in a.option_strings}
+        res = translate(argv[i + 1:], known)
+        if res.error:
+            sub.error(res.error)
+        for note in res.notes:
+            print(f"glmserve {argv[i]}: note: {note}", file=sys.stderr)
+        argv = argv[:i + 1] + res.argv
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -83,6 +83,11 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
                    choices=["auto", "flashinfer", "triton", "torch"])
     p.add_argument("--cuda-graph-max-batch-size", type=int, default=e["cuda_graph_max_batch_size"])
     p.add_argument("--disable-cuda-graph", action="store_true", default=not e["enable_cuda_graph"])
+    p.add_argument("--cuda-graph-capture-sizes", default=",".join(map(str, e["cuda_graph_capture_sizes"])),
+                   help="comma-separated decode batch sizes to capture as CUDA graphs (default: 1,2,4,8,16,24,..)")
+    p.add_argument("--metrics-compat", choices=["vllm"], default=WORKER_DEFAULTS["metrics_compat"],
+                   help="also export vLLM's metric names (vllm:num_requests_waiting, ...) for the Gateway API "
+                        "Inference Extension and KEDA")
     p.add_argument("--speculative-algorithm", choices=["none", "mtp"], default=e["speculative_algorithm"])
     p.add_argument("--speculative-num-steps", type=int, default=e["speculative_num_steps"])
     p.add_argument("--tensor-parallel-size", type=int, default=e["tensor_parallel_size"])
@@ -144,7 +149,18 @@ def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         speculative_algorithm=args.speculative_algorithm, speculative_num_steps=args.speculative_num_steps,
         tensor_parallel_size=args.tensor_parallel_size,
+        cuda_graph_capture_sizes=_sizes(args.cuda_graph_capture_sizes),
     )
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"--cuda-graph-capture-sizes: expected integers separated by commas, got {text!r}")
+    if any(s < 1 for s in sizes):
+        raise SystemExit("--cuda-graph-capture-sizes: sizes must be positive")
+    return sizes
 
 
 def worker_config(args: argparse.Namespace, role: str, cache_dir: Path) -> WorkerConfig:
@@ -156,6 +172,7 @@ def worker_config(args: argparse.Namespace, role: str, cache_dir: Path) -> Worke
         kv_port=getattr(args, "kv_port", WORKER_DEFAULTS["kv_port"]),
         max_waiting_requests=getattr(args, "max_waiting_requests", WORKER_DEFAULTS["max_waiting_requests"]),
         drain_timeout=args.drain_timeout, kv_transfer_backend=args.kv_transfer_backend,
+        metrics_compat=args.metrics_compat,
     )
 
 
@@ -175,6 +192,12 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="seconds between polls of each worker's load and health")
     p.add_argument("--worker-wait-timeout", type=float, default=r["worker_wait_timeout"],
                    help="seconds a request waits for a healthy prefill/decode worker before failing with 503")
+    p.add_argument("--api-key", default=r["api_key"],
+                   help="require `Authorization: Bearer KEY` (or `x-api-key: KEY`) on every endpoint but /health, "
+                        "/metrics and /load")
+    p.add_argument("--chat-template", default=r["chat_template"],
+                   help="chat template (Jinja) file, or the template text itself, instead of the model's")
+    p.add_argument("--tokenizer", default=r["tokenizer"], help="tokenizer directory (default: --model)")
 
 
 def router_config(args: argparse.Namespace, cache_dir: Path) -> RouterConfig:
@@ -186,4 +209,25 @@ def router_config(args: argparse.Namespace, cache_dir: Path) -> RouterConfig:
         request_timeout=args.request_timeout, routing_policy=args.routing_policy,
         health_interval=args.health_interval, worker_wait_timeout=args.worker_wait_timeout, prefill=split(getattr(args, "prefill", "")),
         decode=split(getattr(args, "decode", "")),
+        api_key=args.api_key, chat_template=read_chat_template(args.chat_template),
+        tokenizer=resolve_model_arg(args.tokenizer, cache_dir) if args.tokenizer else None,
     )
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """vLLM's rule: a path to a file, else the template text itself (it must look like Jinja)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        value = path.read_text(encoding="utf-8")
+    elif "{" not in value:
+        raise SystemExit(f"--chat-template: {value} is neither a file nor a Jinja template")
+    text = value
+    from glmserve.engine.chat_template import compile_chat_template
+
+    try:
+        compile_chat_template(text)
+    except Exception as exc:  # jinja2's TemplateSyntaxError and friends: the user's input
+        raise SystemExit(f"--chat-template: not a valid Jinja template: {exc}")
+    return text

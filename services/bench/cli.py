@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import math
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import aiohttp
@@ -15,17 +16,26 @@ from glmserve.bench.datasets import (SampleRequest, TextTokenizer, prefix_repeti
                                      sharegpt_requests)
 from glmserve.bench.driver import drive
 from glmserve.bench.metrics import compute_metrics
-from glmserve.bench.report import build_result, format_report, write_result
+from glmserve.bench.options import normalize_options
+from glmserve.bench.report import DEFAULT_PERCENTILE_METRICS, build_result, format_report, write_result
 
 # Long generations on a CPU model can take many minutes; only a stalled connection should fail a request.
 _READ_TIMEOUT_S = 600.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address, without /v1")
+    parser.add_argument("--base-url", default=None,
+                        help="server address, without /v1 (default: http://HOST:PORT from --host/--port)")
+    parser.add_argument("--host", default="127.0.0.1", help="server host when --base-url is not given")
+    parser.add_argument("--port", type=int, default=8000, help="server port when --base-url is not given")
     parser.add_argument("--model", required=True, help="model name sent in each request")
-    parser.add_argument("--endpoint", choices=[COMPLETIONS_ENDPOINT, CHAT_ENDPOINT], default=COMPLETIONS_ENDPOINT)
-    parser.add_argument("--dataset", choices=["random", "sharegpt", "prefix-repetition"], default="random")
+    parser.add_argument("--backend", default=None,
+                        help="vLLM's client kinds: vllm|openai (/v1/completions), openai-chat|vllm-chat "
+                             "(/v1/chat/completions); picks --endpoint when that is not given")
+    parser.add_argument("--endpoint", choices=[COMPLETIONS_ENDPOINT, CHAT_ENDPOINT], default=None,
+                        help=f"default: from --backend, else {COMPLETIONS_ENDPOINT}")
+    parser.add_argument("--dataset", "--dataset-name", dest="dataset", default="random",
+                        help="random | sharegpt | prefix-repetition (vLLM's prefix_repetition too)")
     parser.add_argument("--dataset-path", default=None,
                         help="sharegpt: JSON list of {'conversations': [{'from'|'role', 'value'|'content'}]}")
     parser.add_argument("--num-prompts", type=int, default=100)
@@ -35,8 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max_tokens for random and prefix-repetition prompts")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="random: lengths uniform in [len*(1-r), len*(1+r)]")
-    parser.add_argument("--prefix-len", type=int, default=256, help="prefix-repetition: shared prefix tokens")
-    parser.add_argument("--num-prefixes", type=int, default=10, help="prefix-repetition: distinct prefixes")
+    parser.add_argument("--prefix-len", "--prefix-repetition-prefix-len", dest="prefix_len", type=int, default=256,
+                        help="prefix-repetition: shared prefix tokens")
+    parser.add_argument("--num-prefixes", "--prefix-repetition-num-prefixes", dest="num_prefixes", type=int,
+                        default=10, help="prefix-repetition: distinct prefixes")
+    parser.add_argument("--prefix-repetition-suffix-len", type=int, default=None,
+                        help="prefix-repetition: suffix tokens (default: --random-input-len)")
+    parser.add_argument("--prefix-repetition-output-len", type=int, default=None,
+                        help="prefix-repetition: max_tokens (default: --random-output-len)")
     parser.add_argument("--sharegpt-output-len", type=int, default=None,
                         help="sharegpt: fixed max_tokens instead of the recorded reply's length")
     parser.add_argument("--request-rate", type=float, default=math.inf,
@@ -49,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so replies reach max_tokens")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--result-file", default=None, help="write the JSON result here")
+    parser.add_argument("--save-result", action="store_true",
+                        help="write the JSON result to --result-dir/--result-filename (vLLM's names)")
+    parser.add_argument("--result-dir", default=".", help="with --save-result: the directory")
+    parser.add_argument("--result-filename", default=None,
+                        help="with --save-result: the file name (default BACKEND-RATEqps-MODEL-DATE.json)")
+    parser.add_argument("--percentile-metrics", default=",".join(DEFAULT_PERCENTILE_METRICS),
+                        help="report sections, comma-separated: ttft,tpot,itl,e2el")
+    parser.add_argument("--metric-percentiles", default="99", help="percentiles reported, e.g. 50,90,99")
     parser.add_argument("--label", default=None, help="free-form name stored in the JSON result")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
@@ -68,8 +92,11 @@ def build_requests(args: argparse.Namespace, tokenizer: TextTokenizer | None) ->
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.seed, tokenizer)
     if args.dataset == "prefix-repetition":
+        suffix = args.prefix_repetition_suffix_len
+        output = args.prefix_repetition_output_len
         return prefix_repetition_requests(args.num_prompts, args.prefix_len, args.num_prefixes,
-                                          args.random_input_len, args.random_output_len, args.seed, tokenizer)
+                                          args.random_input_len if suffix is None else suffix,
+                                          args.random_output_len if output is None else output, args.seed, tokenizer)
     if args.dataset_path is None:
         raise ValueError("--dataset sharegpt needs --dataset-path")
     return sharegpt_requests(args.dataset_path, args.num_prompts, args.seed, tokenizer, args.sharegpt_output_len)
@@ -93,6 +120,7 @@ async def _send_all(args: argparse.Namespace,
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints the report; 1 when no request succeeded (or arguments are bad)."""
     try:
+        normalize_options(args)
         tokenizer = _load_tokenizer(args.tokenizer)
         requests = build_requests(args, tokenizer)
     except (ValueError, OSError) as exc:
@@ -105,12 +133,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # bad --request-rate / --max-concurrency, found by the driver
         print(f"glmserve bench: {exc}", file=sys.stderr)
         return 1
-    metrics = compute_metrics(requests, outputs, duration, tokenizer)
-    print(format_report(metrics, args.max_concurrency, args.request_rate))
+    metrics = compute_metrics(requests, outputs, duration, tokenizer, args.percentiles)
+    print(format_report(metrics, args.max_concurrency, args.request_rate, args.sections))
     first_error = next((o.error for o in outputs if not o.success), None)
     if first_error:
         print(f"first error: {first_error}", file=sys.stderr)
     if args.result_file:
+        Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
         arguments = {k: v for k, v in vars(args).items() if not callable(v)}  # drop a wired-in handler
         write_result(args.result_file, build_result(metrics, outputs, arguments, args.label))
         print(f"result written to {args.result_file}")

@@ -78,6 +78,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
     last_token_time: float | None = None
     parts: list[str] = []
     done = False
+    finished = False  # a choice reported finish_reason
     try:
         async with session.post(url, json=payload) as resp:
             if resp.status != 200:
@@ -98,6 +99,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
                     return out
                 now = time.perf_counter()
                 text, has_tokens = _chunk_text(chunk)
+                finished = finished or any(c.get("finish_reason") for c in chunk.get("choices") or [])
                 if has_tokens:
                     if last_token_time is None:
                         out.ttft = now - start
@@ -112,8 +114,10 @@ async def send_request(session: aiohttp.ClientSession, url: str, payload: dict[s
                     out.usage_completion_tokens = usage.get("completion_tokens")
         out.latency = time.perf_counter() - start
         out.generated_text = "".join(parts)
-        if not done:  # a dropped connection must not pass for a finished reply
-            out.error = "stream closed before data: [DONE]"
+        # Some servers (transformers') end the stream after the finish_reason chunk without `data: [DONE]`;
+        # a stream cut before any finish_reason is still a failure.
+        if not (done or finished):
+            out.error = "stream closed before data: [DONE] or a finish_reason"
         elif last_token_time is None:
             out.error = "stream ended without any token"
         else:

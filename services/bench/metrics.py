@@ -19,14 +19,44 @@ class Stat:
     mean_ms: float
     median_ms: float
     p99_ms: float
+    percentiles_ms: tuple[tuple[float, float], ...] = ()  # (percentile, ms) for --metric-percentiles
 
 
-def stat_ms(values_s: Sequence[float]) -> Stat:
-    """Mean / median / P99 of durations in seconds, in milliseconds; zeros when there is nothing."""
+def stat_ms(values_s: Sequence[float], percentiles: Sequence[float] = (99.0,)) -> Stat:
+    """Mean / median / P99 (and the asked percentiles) of durations in seconds, in milliseconds; zeros when
+    there is nothing."""
     if len(values_s) == 0:
-        return Stat(0.0, 0.0, 0.0)
+        return Stat(0.0, 0.0, 0.0, tuple((float(p), 0.0) for p in percentiles))
     arr = np.asarray(values_s, dtype=np.float64) * 1000.0
-    return Stat(float(arr.mean()), float(np.median(arr)), float(np.percentile(arr, 99)))
+    return Stat(float(arr.mean()), float(np.median(arr)), float(np.percentile(arr, 99)),
+                tuple((float(p), float(np.percentile(arr, p))) for p in percentiles))
+
+
+def peak_output_throughput(outputs: Sequence[RequestOutput]) -> float:
+    """Most token-carrying chunks in any one-second bin since the first request started (vLLM's "Peak
+    output token throughput"; one token per chunk, as its client counts)."""
+    done = [o for o in outputs if o.success]
+    if not done:
+        return 0.0
+    t0 = min(o.start_time for o in outputs)
+    bins: dict[int, int] = {}
+    for o in done:
+        t = o.start_time + o.ttft
+        for gap in [0.0, *o.itl]:
+            t += gap
+            bins[int(t - t0)] = bins.get(int(t - t0), 0) + 1
+    return float(max(bins.values()))
+
+
+def peak_concurrency(outputs: Sequence[RequestOutput]) -> int:
+    """Most successful requests in flight at one moment (vLLM's "Peak concurrent requests")."""
+    edges = sorted([(o.start_time, 1) for o in outputs if o.success]
+                   + [(o.start_time + o.latency, -1) for o in outputs if o.success], key=lambda e: (e[0], e[1]))
+    peak = current = 0
+    for _, step in edges:
+        current += step
+        peak = max(peak, current)
+    return peak
 
 
 @dataclass
@@ -43,6 +73,8 @@ class BenchmarkMetrics:
     tpot: Stat
     itl: Stat
     e2el: Stat
+    max_output_tokens_per_s: float = 0.0
+    max_concurrent_requests: int = 0
     # Per request, in request order (0 for failed requests).
     input_lens: list[int] = field(default_factory=list)
     output_lens: list[int] = field(default_factory=list)
@@ -64,7 +96,8 @@ def token_counts(request: SampleRequest, output: RequestOutput,
 
 
 def compute_metrics(requests: Sequence[SampleRequest], outputs: Sequence[RequestOutput], duration_s: float,
-                    tokenizer: TextTokenizer | None = None) -> BenchmarkMetrics:
+                    tokenizer: TextTokenizer | None = None, percentiles: Sequence[float] = (99.0,)
+                    ) -> BenchmarkMetrics:
     input_lens, output_lens, ttfts, tpots, itls, e2els = [], [], [], [], [], []
     for req, out in zip(requests, outputs, strict=True):
         if not out.success:
@@ -91,10 +124,12 @@ def compute_metrics(requests: Sequence[SampleRequest], outputs: Sequence[Request
         request_throughput=completed * per_s,
         output_throughput=total_out * per_s,
         total_token_throughput=(total_in + total_out) * per_s,
-        ttft=stat_ms(ttfts),
-        tpot=stat_ms(tpots),
-        itl=stat_ms(itls),
-        e2el=stat_ms(e2els),
+        ttft=stat_ms(ttfts, percentiles),
+        tpot=stat_ms(tpots, percentiles),
+        itl=stat_ms(itls, percentiles),
+        e2el=stat_ms(e2els, percentiles),
+        max_output_tokens_per_s=peak_output_throughput(outputs),
+        max_concurrent_requests=peak_concurrency(outputs),
         input_lens=input_lens,
         output_lens=output_lens,
     )

@@ -16,11 +16,17 @@ from glmserve.bench.client import RequestOutput
 from glmserve.bench.metrics import BenchmarkMetrics, Stat
 
 WIDTH = 50
-_SECTIONS = (  # (title, short name, metrics attribute)
-    ("Time to First Token", "TTFT", "ttft"),
-    ("Time per Output Token (excl. 1st token)", "TPOT", "tpot"),
-    ("Inter-token Latency", "ITL", "itl"),
-)
+_SECTIONS = {  # --percentile-metrics name -> (title, short name)
+    "ttft": ("Time to First Token", "TTFT"),
+    "tpot": ("Time per Output Token (excl. 1st token)", "TPOT"),
+    "itl": ("Inter-token Latency", "ITL"),
+    "e2el": ("End-to-end Latency", "E2EL"),
+}
+DEFAULT_PERCENTILE_METRICS = ("ttft", "tpot", "itl")
+
+
+def percentile_label(p: float) -> str:
+    return str(int(p)) if float(p).is_integer() else str(p)
 
 
 def _banner(text: str, fill: str) -> str:
@@ -33,26 +39,31 @@ def _row(label: str, value: Any) -> str:
 
 
 def format_report(m: BenchmarkMetrics, max_concurrency: int | None = None,
-                  request_rate: float = math.inf) -> str:
+                  request_rate: float = math.inf,
+                  percentile_metrics: Sequence[str] = DEFAULT_PERCENTILE_METRICS) -> str:
     lines = [_banner(" Serving Benchmark Result ", "="),
              _row("Successful requests", m.completed),
              _row("Failed requests", m.failed)]
     if max_concurrency is not None:
         lines.append(_row("Maximum request concurrency", max_concurrency))
     if not math.isinf(request_rate):
-        lines.append(_row("Request rate configured (req/s)", float(request_rate)))
+        lines.append(_row("Request rate configured (RPS)", float(request_rate)))
     lines += [_row("Benchmark duration (s)", m.duration_s),
               _row("Total input tokens", m.total_input_tokens),
               _row("Total generated tokens", m.total_output_tokens),
               _row("Request throughput (req/s)", m.request_throughput),
               _row("Output token throughput (tok/s)", m.output_throughput),
-              _row("Total token throughput (tok/s)", m.total_token_throughput)]
-    for title, short, attr in _SECTIONS:
+              _row("Peak output token throughput (tok/s)", m.max_output_tokens_per_s),
+              _row("Peak concurrent requests", float(m.max_concurrent_requests)),
+              _row("Total Token throughput (tok/s)", m.total_token_throughput)]
+    for attr in percentile_metrics:
+        title, short = _SECTIONS[attr]
         stat: Stat = getattr(m, attr)
         lines += [_banner(title, "-"),
                   _row(f"Mean {short} (ms)", stat.mean_ms),
-                  _row(f"Median {short} (ms)", stat.median_ms),
-                  _row(f"P99 {short} (ms)", stat.p99_ms)]
+                  _row(f"Median {short} (ms)", stat.median_ms)]
+        pcts = stat.percentiles_ms or ((99.0, stat.p99_ms),)
+        lines += [_row(f"P{percentile_label(p)} {short} (ms)", v) for p, v in pcts]
     lines.append("=" * WIDTH)
     return "\n".join(lines)
 
@@ -99,11 +110,16 @@ def build_result(m: BenchmarkMetrics, outputs: Sequence[RequestOutput], argument
         "request_throughput": m.request_throughput,
         "output_throughput": m.output_throughput,
         "total_token_throughput": m.total_token_throughput,
+        "max_output_tokens_per_s": m.max_output_tokens_per_s,
+        "max_concurrent_requests": m.max_concurrent_requests,
     }
     for name in ("ttft", "tpot", "itl", "e2el"):
-        for stat_name, value in asdict(getattr(m, name)).items():  # mean_ms -> mean_ttft_ms, ...
-            kind = stat_name.removesuffix("_ms")
-            result[f"{kind}_{name}_ms"] = value
+        stat = getattr(m, name)
+        for stat_name, value in asdict(stat).items():  # mean_ms -> mean_ttft_ms, ...
+            if stat_name != "percentiles_ms":
+                result[f"{stat_name.removesuffix('_ms')}_{name}_ms"] = value
+        for p, value in stat.percentiles_ms:  # p50_ttft_ms, p99.9_ttft_ms, ... as vLLM names them
+            result[f"p{percentile_label(p)}_{name}_ms"] = value
     # Raw per-request data, in request order; times in seconds.
     result.update({
         "input_lens": m.input_lens,

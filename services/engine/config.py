@@ -285,3 +285,5 @@ class EngineConfig:
     @property
     def with_mtp(self) -> bool:
         return self.speculative_algorithm == "mtp"
+    # Explicit decode batch sizes to capture (vLLM's cudagraph_capture_sizes); empty = 1, 2, 4, 8, 16, 24, ...
+    cuda_graph_capture_sizes: tuple[int, ...] = ()

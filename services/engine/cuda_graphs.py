@@ -51,6 +51,14 @@ def capture_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+def chosen_batch_sizes(max_batch_size: int, capture_sizes: tuple[int, ...] = ()) -> list[int]:
+    """The buckets to capture: the given sizes (vLLM's cudagraph_capture_sizes) up to max_batch_size, else
+    the default ladder. Batches above the largest bucket run eagerly."""
+    if not capture_sizes:
+        return capture_batch_sizes(max_batch_size)
+    return sorted({s for s in capture_sizes if 0 < s <= max_batch_size})
+
+
 def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
     """Smallest bucket holding num_seqs rows, None when none does."""
     i = bisect.bisect_left(sizes, num_seqs)
@@ -160,12 +168,13 @@ class CudaGraphRunner:
     """Captures the decode buckets of one model and KV cache, and replays them."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_batch_size: int,
-                 max_model_len: int, device: torch.device, split_context_len: int = DEFAULT_SPLIT_CONTEXT_LEN):
+                 max_model_len: int, device: torch.device, split_context_len: int = DEFAULT_SPLIT_CONTEXT_LEN,
+                 capture_sizes: tuple[int, ...] = ()):
         self.model = model
         self.kv_caches = kv_caches
         self.device = torch.device(device)
         self.max_model_len = max_model_len
-        self.sizes = capture_batch_sizes(max_batch_size)
+        self.sizes = chosen_batch_sizes(max_batch_size, capture_sizes)
         self.host_seq_len = max(1, min(split_context_len, max_model_len))
         max_blocks = -(-max_model_len // block_size)
         self.inputs = StaticDecodeInputs(self.sizes[-1] if self.sizes else 0, max_blocks, block_size, self.device)

@@ -48,7 +48,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, loaded.config, loaded.model.backend, cfg.cache,
                                   loaded.dtype, self.device, enable_cuda_graph=cfg.enable_cuda_graph,
                                   cuda_graph_max_batch_size=min(cfg.cuda_graph_max_batch_size, cfg.scheduler.max_num_seqs),
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len,
+                                  cuda_graph_capture_sizes=cfg.cuda_graph_capture_sizes)
         self.pool = BlockPool(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.pool)
         self.sampler = Sampler()

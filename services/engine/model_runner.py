@@ -50,7 +50,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, backend: AttentionBackend,
                  cache_cfg: CacheConfig, dtype: torch.dtype, device: torch.device,
                  enable_cuda_graph: bool = False, cuda_graph_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, cuda_graph_capture_sizes: tuple[int, ...] = ()):
         self.model = model
         self.model_cfg = model_cfg
         self.backend = backend
@@ -68,7 +68,8 @@ class ModelRunner:
             self.cuda_graph_disabled_reason = graph_unsafe_reason(model, backend, device)
             if self.cuda_graph_disabled_reason is None:
                 self.graphs = CudaGraphRunner(model, self.kv_caches, self.block_size, cuda_graph_max_batch_size,
-                                              max_model_len or model_cfg.max_position_embeddings, device)
+                                              max_model_len or model_cfg.max_position_embeddings, device,
+                                              capture_sizes=cuda_graph_capture_sizes)
                 try:
                     self.graphs.capture()
                 except RuntimeError as e:  # e.g. an op that syncs: serve eagerly, and say why in the stats

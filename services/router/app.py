@@ -67,6 +67,10 @@ def create_app(state: RouterState) -> FastAPI:
     async def lightllm_generate_stream(request: Request):
         return await generate.generate_stream(await _json_body(request, GenerateRequest), request)
 
+    from glmserve.router.app_compat import add_compat_routes
+
+    add_compat_routes(app, state, chat, _json_body)
+
     @app.get("/v1/models")
     async def models():
         info = state.backend.model_info()

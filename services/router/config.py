@@ -19,3 +19,6 @@ class RouterConfig:
     worker_wait_timeout: float = 10.0  # a request waits this long for a healthy worker before a 503
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
+    api_key: str | None = None  # required as a Bearer token (or x-api-key) when set
+    chat_template: str | None = None  # replaces the model's chat template
+    tokenizer: str | None = None  # tokenizer directory, when not the model's

@@ -1,7 +1,9 @@
-"""LightLLM's native endpoints: POST /generate and POST /generate_stream.
+"""LightLLM's native endpoints: POST /generate and POST /generate_stream, in LightLLM's own shapes.
 
-Body `{"inputs": str, "parameters": {...}}`; replies `{"generated_text": [str], ...}` and, streaming,
-`data: {"token": {...}, "generated_text": null|str, "finished": bool, ...}` events.
+Body `{"inputs": str, "parameters": {...}}`. /generate replies `{"generated_text": [str],
+"count_output_tokens", "finish_reason", "prompt_tokens"}` (scalars for one sequence, lists for n > 1);
+/generate_stream sends `data: {"token": {...}, "generated_text": null, "finished": bool, "finish_reason",
+"details": null}` per token.
 """
 
 from __future__ import annotations
@@ -51,19 +53,24 @@ class GenerateHandler:
                          per_choice_params(params), RequestTiming(st.metrics))
 
     async def generate(self, body: GenerateRequest, raw: Request):
+        """LightLLM's reply: generated_text is always a list; count_output_tokens, finish_reason (and tokens)
+        are scalars for one sequence and lists for n > 1."""
         run = self._run(body)
         deltas = await collect_until_disconnect(run, raw, self.state.config.request_timeout)
-        texts, reasons, counts = [], [], []
+        texts, reasons, counts, details = [], [], [], []
         for index in range(len(run.params)):
             mine = [d for i, d in deltas if i == index]
             texts.append("".join(d.content for d in mine))
             reasons.append(mine[-1].finish_reason if mine else None)
             counts.append(sum(len(d.token_ids) for d in mine))
-        out = {"generated_text": texts, "count_output_tokens": sum(counts), "finish_reason": reasons,
+            details.append([{"id": lp.token_id, "text": token_text(self.state.tokenizer, lp.token_id),
+                             "logprob": lp.logprob, "special": self.state.tokenizer.is_special(lp.token_id)}
+                            for d in mine for lp in d.logprobs])
+        one = (lambda values: values[0]) if len(texts) == 1 else (lambda values: values)
+        out = {"generated_text": texts, "count_output_tokens": one(counts), "finish_reason": one(reasons),
                "prompt_tokens": len(run.prompt_token_ids)}
         if body.parameters.return_details:
-            out["tokens"] = [{"id": lp.token_id, "text": token_text(self.state.tokenizer, lp.token_id),
-                              "logprob": lp.logprob} for i, d in deltas if i == 0 for lp in d.logprobs]
+            out["tokens"] = one(details)
         return JSONResponse(out)
 
     async def generate_stream(self, body: GenerateRequest, raw: Request):
@@ -74,16 +81,18 @@ class GenerateHandler:
                                                      self.state.metrics), media_type="text/event-stream")
 
     async def _events(self, run: ChoiceRun) -> AsyncIterator[str]:
+        """One event per token, as LightLLM sends them: the token (with running counts), finished and
+        finish_reason; generated_text and details stay null."""
         st = self.state
-        text = ""
+        count = 0
         async for _, d in run.deltas():
-            text += d.content
-            finished = d.finish_reason is not None
-            for j, tid in enumerate(d.token_ids or [None]):
-                last = finished and j == max(len(d.token_ids) - 1, 0)
-                token = None if tid is None else {"id": tid, "text": d.content if j == 0 else "",
-                                                  "logprob": d.logprobs[j].logprob if j < len(d.logprobs) else None,
-                                                  "special": st.tokenizer.is_special(tid)}
-                yield sse({"token": token, "generated_text": text if last else None, "finished": last,
-                           "finish_reason": d.finish_reason if last else None,
-                           "details": {"prompt_tokens": len(run.prompt_token_ids)} if last else None})
+            ids = d.token_ids or [None]
+            for j, tid in enumerate(ids):
+                count += tid is not None
+                last = d.finish_reason is not None and j == len(ids) - 1
+                token = {"id": tid, "text": d.content if j == 0 else "",
+                         "logprob": d.logprobs[j].logprob if j < len(d.logprobs) else None,
+                         "special": tid is not None and st.tokenizer.is_special(tid),
+                         "count_output_tokens": count, "prompt_tokens": len(run.prompt_token_ids)}
+                yield sse({"token": token, "generated_text": None, "finished": last,
+                           "finish_reason": d.finish_reason if last else None, "details": None})

@@ -41,9 +41,12 @@ class RouterState:
         for error in ("backend", "timeout"):  # failure series exist (at 0) before the first failure
             metrics.get("request_failure", error=error)
 
+        tokenizer = Tokenizer(config.tokenizer or config.model)
+        if config.chat_template is not None:
+            tokenizer.chat_template = config.chat_template
         return cls(
             config=config,
-            tokenizer=Tokenizer(config.model),
+            tokenizer=tokenizer,
             backend=backend,
             metrics=metrics,
             defaults=sampling_defaults(config.model),

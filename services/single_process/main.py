@@ -14,8 +14,16 @@ from glmserve.single_process.backend import InProcessBackend
 from glmserve.worker.engine_metrics import EngineMetrics
 
 
-def run_single_process(cfg: RouterConfig, engine_cfg: EngineConfig) -> int:
+def run_single_process(cfg: RouterConfig, engine_cfg: EngineConfig, metrics_compat: str | None = None) -> int:
     metrics = ServiceMetrics("router", cfg.served_model_name)
-    async_engine = AsyncEngine(LLMEngine(engine_cfg))
+    try:
+        engine = LLMEngine(engine_cfg)
+    except ValueError as exc:  # a setting this machine cannot honour (e.g. fa3 without CUDA): one line, no traceback
+        raise SystemExit(f"glmserve serve: {exc}") from None
+    if metrics_compat == "vllm":
+        from glmserve.metrics_vllm import engine_cache_info, install
+
+        install(metrics, lambda: engine_cache_info(engine))
+    async_engine = AsyncEngine(engine)
     async_engine.step_hooks.append(EngineMetrics(metrics).on_step)
     return serve_http(create_app(RouterState.build(cfg, InProcessBackend(async_engine), metrics)), cfg)

@@ -30,3 +30,4 @@ class WorkerConfig:
     kv_timeout: float = 30.0
     drain_timeout: float = 30.0
     kv_transfer_backend: str = "auto"  # auto | nccl | gloo
+    metrics_compat: str | None = None  # "vllm": also export vLLM's metric names

@@ -37,6 +37,10 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
     except RuntimeError as exc:
         raise SystemExit(f"{cfg.role} worker: cannot listen for gRPC on {cfg.host}:{cfg.grpc_port}; "
                          f"is the port in use? ({exc})") from None
+    if cfg.metrics_compat == "vllm":
+        from glmserve.metrics_vllm import engine_cache_info, install
+
+        install(metrics, lambda: engine_cache_info(holder.get("engine")))
     http = make_http_server(create_worker_app(lifecycle, metrics, load), cfg.host, cfg.http_port)
     http_task = asyncio.create_task(http.serve())  # liveness answers while the model loads
     engine = await asyncio.to_thread(LLMEngine, cfg.engine)

@@ -2,7 +2,8 @@
 
 The request's `model` picks a behaviour: "ok" streams max_tokens one-word chunks; "flaky" answers
 HTTP 500 to every 4th request; "truncate" drops the connection before `data: [DONE]`; "midstream-error"
-sends an error event after one token. It records the peak number of requests in flight."""
+sends an error event after one token; "no-done" ends after the finish_reason and usage chunks without
+`data: [DONE]`, as transformers' server does. It records the peak number of requests in flight."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def create_app(state: FakeServerState) -> FastAPI:
             usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n,
                      "total_tokens": len(prompt.split()) + n}
             yield _sse({"choices": [], "usage": usage})
-            yield b"data: [DONE]\n\n"
+            if body["model"] != "no-done":
+                yield b"data: [DONE]\n\n"
         finally:
             state.in_flight -= 1
 

@@ -66,21 +66,53 @@ def test_token_count_fallbacks():
     assert token_counts(req, with_usage, _WordTokenizer()) == (4, 9)  # usage wins for output
 
 
+# The labels of `vllm bench serve`'s report, in order, as printed in vLLM's GLM-4.5V guide
+# (shared/seeds/004, the max-concurrency run).
+VLLM_REPORT_LABELS = [
+    "Successful requests", "Failed requests", "Maximum request concurrency", "Benchmark duration (s)",
+    "Total input tokens", "Total generated tokens", "Request throughput (req/s)",
+    "Output token throughput (tok/s)", "Peak output token throughput (tok/s)", "Peak concurrent requests",
+    "Total Token throughput (tok/s)",
+    "Mean TTFT (ms)", "Median TTFT (ms)", "P99 TTFT (ms)",
+    "Mean TPOT (ms)", "Median TPOT (ms)", "P99 TPOT (ms)",
+    "Mean ITL (ms)", "Median ITL (ms)", "P99 ITL (ms)"]
+
+
 def test_report_layout():
-    outs = [_ok(0.1, 1.1, [0.1] * 10, 11, prompt_tokens=3)]
+    outs = [_ok(0.15, 1.15, [0.1] * 10, 11, prompt_tokens=3)]
     text = format_report(compute_metrics([SampleRequest("a", None, 11)], outs, 2.0), max_concurrency=4)
     lines = text.splitlines()
     assert lines[0] == "============ Serving Benchmark Result ============"
     assert lines[-1] == "=" * 50
     labels = [line.split(":")[0] for line in lines if ":" in line]
-    assert labels == ["Successful requests", "Failed requests", "Maximum request concurrency",
-                      "Benchmark duration (s)", "Total input tokens", "Total generated tokens",
-                      "Request throughput (req/s)", "Output token throughput (tok/s)",
-                      "Total token throughput (tok/s)",
-                      "Mean TTFT (ms)", "Median TTFT (ms)", "P99 TTFT (ms)",
-                      "Mean TPOT (ms)", "Median TPOT (ms)", "P99 TPOT (ms)",
-                      "Mean ITL (ms)", "Median ITL (ms)", "P99 ITL (ms)"]
+    assert labels == VLLM_REPORT_LABELS
     assert "-----Time per Output Token (excl. 1st token)------" in lines
     assert "---------------Time to First Token----------------" in lines
     assert "Mean TPOT (ms):                          100.00" in text  # values start at column 42
     assert "Output token throughput (tok/s):         5.50" in text
+    # 11 tokens at t = 0.15, 0.25, ..., 1.15 s: 9 in the first second, 2 in the next.
+    assert "Peak output token throughput (tok/s):    9.00" in text
+    assert "Peak concurrent requests:                1.00" in text
+
+
+def test_report_rate_line_and_chosen_percentiles():
+    outs = [_ok(0.15, 1.15, [0.1] * 10, 11, prompt_tokens=3)]
+    m = compute_metrics([SampleRequest("a", None, 11)], outs, 2.0, percentiles=(50, 99.9))
+    text = format_report(m, request_rate=20.0, percentile_metrics=("ttft", "e2el"))
+    labels = [line.split(":")[0] for line in text.splitlines() if ":" in line]
+    assert "Request rate configured (RPS)" in labels
+    assert labels[-8:] == ["Mean TTFT (ms)", "Median TTFT (ms)", "P50 TTFT (ms)", "P99.9 TTFT (ms)",
+                           "Mean E2EL (ms)", "Median E2EL (ms)", "P50 E2EL (ms)", "P99.9 E2EL (ms)"]
+    assert "---------------End-to-end Latency----------------" in text
+    assert "P50 E2EL (ms):                           1150.00" in text
+
+
+def test_peak_concurrency_counts_overlaps():
+    from glmserve.bench.metrics import peak_concurrency
+
+    def run(start, latency):
+        return RequestOutput(success=True, start_time=start, latency=latency)
+
+    # [0, 3), [1, 2), [1.5, 4), [5, 6): at most three in flight (between 1.5 and 2).
+    assert peak_concurrency([run(0, 3), run(1, 1), run(1.5, 2.5), run(5, 1)]) == 3
+    assert peak_concurrency([RequestOutput(success=False)]) == 0

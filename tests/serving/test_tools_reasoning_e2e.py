@@ -16,16 +16,11 @@ import torch
 
 from glmserve.engine.tokenizer import Tokenizer
 from tests.serving.deployment import Deployment, http_status, pid_alive
-from tests.serving.trained_model import CONVERSATIONS, prompt_ids, reply_ids, train_tool_model
+from tests.serving.trained_model import CONVERSATIONS, prompt_ids, reply_ids
 
 openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 128  # the longest reply is under 100 tokens
-
-
-@pytest.fixture(scope="session")
-def trained_dir(tmp_path_factory):
-    return train_tool_model(tmp_path_factory.mktemp("tool-model"))
 
 
 @pytest.fixture(scope="module")
