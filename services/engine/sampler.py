@@ -26,7 +26,7 @@ _NEG_INF = float("-inf")
 TOP_P_CANDIDATES = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SamplingRow:
     """One batch row: the request's settings, its tokens so far (prompt then output), and its RNG."""
 

@@ -28,7 +28,7 @@ from glmserve.engine.kv_transport import RemoteKVConnector
 from glmserve.engine.request import FinishReason, Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     request: Request
     num_new_tokens: int
@@ -142,7 +142,6 @@ class Scheduler:
         self._released = []
         budget = self.cfg.max_num_batched_tokens
         chunk_cap = self.cfg.chunked_prefill_size
-        scheduled: set[str] = set()
 
         # 1. Running requests, oldest first.
         i = 0
@@ -163,7 +162,6 @@ class Scheduler:
             if need:
                 req.block_ids += self.pool.allocate(need)
             out.chunks.append(ScheduledChunk(req, num_new))
-            scheduled.add(req.request_id)
             budget -= num_new
             i += 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from glmserve.engine.attention.context import ForwardContext
@@ -19,10 +20,13 @@ _INITIAL_ROWS = 64
 
 
 class StepInputBuilder:
+    """Host metadata lives in numpy arrays: small gathers there cost microseconds, where torch's
+    intra-op threads would spin for them."""
+
     def __init__(self, max_blocks_per_seq: int, block_size: int, device: torch.device):
         self.block_size = block_size
         self.device = device
-        self.table = torch.zeros(_INITIAL_ROWS, max_blocks_per_seq, dtype=torch.int32)
+        self.table = np.zeros((_INITIAL_ROWS, max_blocks_per_seq), dtype=np.int32)
         self._row_of: dict[str, int] = {}
         self._known = [0] * _INITIAL_ROWS  # blocks of each row already written
         self._free_rows = list(range(_INITIAL_ROWS - 1, -1, -1))
@@ -45,7 +49,7 @@ class StepInputBuilder:
 
     def _grow(self) -> None:
         old = self.table.shape[0]
-        self.table = torch.cat([self.table, torch.zeros_like(self.table)])
+        self.table = np.concatenate([self.table, np.zeros_like(self.table)])
         self._known += [0] * old
         self._free_rows += range(2 * old - 1, old - 1, -1)
 
@@ -59,40 +63,46 @@ class StepInputBuilder:
         query_lens: list[int] = []
         seq_lens: list[int] = []
         width = 1
+        known = self._known
         for c in chunks:
             req, n = c.request, c.num_new_tokens
             start = req.num_computed_tokens
             row = self._row(req.request_id)
-            have, blocks = self._known[row], req.block_ids
-            if len(blocks) > have:
-                self.table[row, have : len(blocks)] = torch.tensor(blocks[have:], dtype=torch.int32)
-                self._known[row] = len(blocks)
-            need = -(-(start + n) // bs)
-            if len(blocks) < need:
-                raise ValueError(f"sequence needs {need} blocks for {start + n} tokens, has {len(blocks)}")
-            width = max(width, len(blocks))
-            ids += req.token_ids[start : start + n]
+            blocks = req.block_ids
+            nb = len(blocks)
+            if nb > known[row]:
+                self.table[row, known[row] : nb] = blocks[known[row] :]
+                known[row] = nb
+            if nb * bs < start + n:
+                raise ValueError(f"sequence needs {-(-(start + n) // bs)} blocks for {start + n} tokens, has {nb}")
+            if nb > width:
+                width = nb
+            if n == 1:
+                ids.append(req.token_ids[start])
+            else:
+                ids += req.token_ids[start : start + n]
             rows.append(row)
             starts.append(start)
             query_lens.append(n)
             seq_lens.append(start + n)
-        block_tables = self.table[:, :width].index_select(0, torch.tensor(rows, dtype=torch.int64))
-        lens = torch.tensor(query_lens, dtype=torch.int64)
-        qsl = torch.zeros(len(chunks) + 1, dtype=torch.int64)
-        torch.cumsum(lens, 0, out=qsl[1:])
-        num_tokens = len(ids)
-        if num_tokens == len(chunks):  # decode only: one token per sequence
-            positions = torch.tensor(starts, dtype=torch.int64)
-            seq_index = torch.arange(len(chunks))
+        rows_np = np.array(rows, dtype=np.int64)
+        block_tables = self.table[rows_np, :width]
+        lens = np.array(query_lens, dtype=np.int64)
+        qsl = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(lens, out=qsl[1:])
+        starts_np = np.array(starts, dtype=np.int64)
+        if len(ids) == len(chunks):  # decode only: one token per sequence
+            positions, seq_index = starts_np, np.arange(len(chunks))
         else:
-            seq_index = torch.repeat_interleave(torch.arange(len(chunks)), lens)
-            offsets = torch.arange(num_tokens, dtype=torch.int64) - qsl[:-1].repeat_interleave(lens)
-            positions = torch.tensor(starts, dtype=torch.int64).repeat_interleave(lens) + offsets
-        slots = block_tables[seq_index, positions // bs].to(torch.int64) * bs + positions % bs
+            seq_index = np.repeat(np.arange(len(chunks)), lens)
+            positions = np.repeat(starts_np - qsl[:-1], lens) + np.arange(len(ids), dtype=np.int64)
+        slots = block_tables[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         dev = self.device
         ctx = ForwardContext(
-            positions=positions.to(dev), query_start_loc=qsl.to(device=dev, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev), block_tables=block_tables.to(dev),
-            slot_mapping=slots.to(dev), block_size=bs, kv_caches=kv_caches, query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens, on_layer_done=on_layer_done)
+            positions=torch.from_numpy(positions).to(dev),
+            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev), block_size=bs, kv_caches=kv_caches,
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, on_layer_done=on_layer_done)
         return torch.tensor(ids, dtype=torch.int64, device=dev), ctx

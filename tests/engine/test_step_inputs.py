@@ -37,7 +37,7 @@ def test_builder_matches_reference_across_growth_release_and_row_reuse():
         for rid in [r for r in live if rng.random() < 0.15]:
             builder.release([rid])
             del live[rid]
-        while len(live) < rng.randint(1, 70):  # beyond the initial 64 rows: the table grows
+        while len(live) < (130 if step == 30 else rng.randint(1, 70)):  # beyond 64 rows: the table grows
             rid = f"r{step}-{len(live)}"
             live[rid] = Request(rid, [rng.randrange(100) for _ in range(rng.randint(1, 30))], SamplingParams())
         chunks = []
