@@ -1,18 +1,18 @@
 """Requests whose prompt KV comes from a prefill worker, inside the engine (no network): they queue with
 everything else, hold a sequence slot and their blocks while WAITING_FOR_REMOTE_KVS, reuse this worker's
 own prefix cache, and aborting them at any stage frees exactly their blocks, after the connector was
-told. The transfer itself is simulated by copying the KV a local prefill computed."""
+told. The transfer itself is simulated by copying the KV another engine computed (the "prefill worker")."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.engine import EngineBusy, LLMEngine
 from glmserve.engine.request import RequestStatus
 from glmserve.engine.sampler import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.scheduler import SchedulerOutput
 from glmserve.engine.tiny_model import build_tiny_model
 
 BS = 4
@@ -140,8 +140,7 @@ def test_preempted_remote_request_is_recomputed_locally(model_dir):
     req = run_remote(engine, "r", prompt)
     send_kv(donor, donor.requests["p"], engine, req)
     engine.remote_kv_arrived("r", SampledToken(first))
-    scheduler = engine.scheduler
-    scheduler._preempt(req, type("Out", (), {"preempted": []})())
+    engine.scheduler._preempt(req, SchedulerOutput())  # what a step short of blocks does to it
     assert req.status is RequestStatus.WAITING and not req.remote_prefill and req.block_ids == []
     out = tokens_of(engine.run_until_done())
     local = make_engine(model_dir)
