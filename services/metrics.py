@@ -41,6 +41,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "kv_transfer_failures": ("counter", "Failed KV transfers.", ("link",)),
     "kv_transfer_reused_tokens": ("counter", "Prompt tokens a decode worker took from its own prefix cache "
                                   "instead of receiving them over the KV link.", ()),
+    # Structured output (grammar-constrained decoding)
+    "structured_output_requests": ("counter", "Requests with a grammar (router), by grammar kind.", ("kind",)),
+    "grammar_compile_seconds": ("histogram", "Time to compile one grammar (cache misses; workers).", ()),
 }
 
 _TYPES = {"histogram": Histogram, "counter": Counter, "gauge": Gauge}

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from glmserve.engine.engine import LLMEngine
+from glmserve.engine.engine import LLMEngine, RequestError
 from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.sampler import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
@@ -85,6 +85,7 @@ class AsyncEngine:
         """Stream outputs; leaving the iterator early (cancel, break, aclose) aborts the request."""
         if self.dead is not None:
             raise EngineError(f"engine stopped: {self.dead!r}")
+        await self.prepare(params)
         async for out in self._stream(request_id, _Add(request_id, prompt_token_ids, params, eos_token_ids)):
             yield out
 
@@ -96,12 +97,24 @@ class AsyncEngine:
         follow (the first repeats the prefill worker's token). Leaving early aborts, at any stage."""
         if self.dead is not None:
             raise EngineError(f"engine stopped: {self.dead!r}")
+        await self.prepare(params)
         command = _Add(request_id, prompt_token_ids, params, eos_token_ids, True, max_waiting)
         async for item in self._stream(request_id, command):
             yield item
 
     def remote_kv_arrived(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> None:
         self._commands.put(_RemoteKVArrived(request_id, first_token, num_cached_tokens))
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's grammar on a helper thread (never on the event loop nor the engine
+        thread, which keeps stepping); the engine then finds it in its cache. Raises RequestError."""
+        spec = params.structured_output
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.structured.compile, spec)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
 
     async def _stream(self, request_id: str, command) -> AsyncIterator[EngineOutput]:
         q: asyncio.Queue = asyncio.Queue()

@@ -15,12 +15,14 @@ from glmserve.engine.block_pool import BlockPool
 from glmserve.engine.config import EngineConfig, ModelConfig
 from glmserve.engine.dtypes import resolve_device
 from glmserve.engine.loader import LoadedModel, load_model
+from glmserve.engine.logits_processors import validate_token_constraints
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.request import FinishReason, Request, RequestStatus
 from glmserve.engine.sampler import SampledToken, Sampler, SamplingRow
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
+from glmserve.engine.structured_output.manager import StructuredOutputManager
 
 
 class RequestError(ValueError):
@@ -55,6 +57,9 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.default_eos = frozenset(loaded.config.eos_token_ids)
+        # Grammars (structured outputs): compiled grammars and one matcher per constrained request.
+        self.structured = StructuredOutputManager(loaded.model_dir, loaded.config.vocab_size,
+                                                  sorted(self.default_eos))
         # Optional observer of each forward pass (the prefill worker streams KV out from it):
         # `before_forward(chunks) -> on_layer_done callable or None`, the model's per-layer hook.
         self.step_observer = None
@@ -82,6 +87,7 @@ class LLMEngine:
         req = Request(request_id, list(prompt_token_ids), params,
                       eos_token_ids=self.default_eos if eos_token_ids is None else eos_token_ids,
                       max_model_len=self.max_model_len, remote_prefill=remote_prefill)
+        self._add_constraints(req)
         req.seed_generator(self.device)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -100,14 +106,18 @@ class LLMEngine:
             torch.rand(self.model_config.vocab_size, generator=req.generator, device=req.generator.device)
         self.scheduler.remote_kv_arrived(req)
         req.append_token(first_token)
+        # The prefill worker sampled the first token under the same grammar: catch the matcher up.
+        self.structured.replay(request_id, [first_token.token_id])
         req.check_stop()
         if req.is_finished:
             self.scheduler.finish(req)
             self.requests.pop(request_id, None)
+            self.structured.remove(request_id)
         return req
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
+        self.structured.remove(request_id)
         if req is None:
             return False
         self.scheduler.finish(req, FinishReason.ABORT)
@@ -122,12 +132,16 @@ class LLMEngine:
         outputs = [self._finished_output(r, []) for r in plan.rejected]
         for r in plan.rejected:
             self.requests.pop(r.request_id, None)
+            self.structured.remove(r.request_id)
         self.runner.release_rows(plan.released)
         if plan.is_empty():
             return outputs
         observer = self.step_observer
         on_layer_done = observer.before_forward(plan.chunks) if observer is not None else None
+        # -- structured output: fill grammar bitmasks on a helper thread while the forward runs
+        masks = self.structured.begin_masks([c.request.request_id for c in plan.chunks if c.completes_sequence])
         result = self.runner.execute(plan.chunks, on_layer_done)
+        self.structured.apply(masks, result.logits, [c.request.request_id for c in result.sample_chunks])
         for chunk in plan.chunks:
             self.scheduler.advance(chunk)
         rows = [self._sampling_row(c.request) for c in result.sample_chunks]
@@ -135,17 +149,28 @@ class LLMEngine:
         for chunk, token in zip(result.sample_chunks, sampled):
             req = chunk.request
             req.append_token(token)
+            self.structured.accept(req.request_id, token.token_id)
             req.check_stop()
             new_logprobs = [token] if req.params.logprobs is not None else []
             if req.is_finished:
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
+                self.structured.remove(req.request_id)
                 outputs.append(self._finished_output(req, [token.token_id], new_logprobs))
             else:
                 outputs.append(EngineOutput(req.request_id, [token.token_id], new_logprobs,
                                             num_prompt_tokens=req.num_prompt_tokens,
                                             num_cached_tokens=max(req.num_cached_tokens, 0)))
         return outputs
+
+    def _add_constraints(self, req: Request) -> None:
+        """Refuse bad token ids or grammars up front; set up the request's grammar matcher."""
+        try:
+            validate_token_constraints(req.params, self.model_config.vocab_size)
+            eos = frozenset() if req.params.ignore_eos else req.eos_token_ids
+            self.structured.add(req.request_id, req.params.structured_output, eos or self.default_eos)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
 
     def _sampling_row(self, req: Request) -> SamplingRow:
         eos = frozenset() if req.params.ignore_eos else req.eos_token_ids

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glmserve.engine.logits_processors import apply_token_constraints, has_token_constraints
 from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 
@@ -191,6 +192,8 @@ class Sampler:
         if mask_rows:
             out = out.clone()
             out[torch.tensor(mask_rows, device=device), torch.tensor(mask_ids, device=device)] = _NEG_INF
+        if any(has_token_constraints(r.params) for r in rows):
+            out = apply_token_constraints(out, rows)  # logit_bias, allowed_token_ids, bad_words
         pen = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
         if pen:
             sub = [rows[i] for i in pen]

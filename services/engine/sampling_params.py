@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from glmserve.engine.structured_output.spec import GrammarSpec
+
 # Below this temperature a request is sampled greedily (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
@@ -35,6 +37,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constraints on which tokens may come next (structured_output/, logits_processors.py).
+    structured_output: GrammarSpec | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words_token_ids: list[list[int]] | None = None  # token sequences that may never be completed
 
     def __post_init__(self) -> None:
         # Normalise first so validation and every consumer see one shape (as vLLM does).
@@ -85,6 +92,22 @@ class SamplingParams:
             raise ValueError("stop must not contain the empty string")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        self._validate_constraints()
+
+    def _validate_constraints(self) -> None:
+        if self.structured_output is not None and not isinstance(self.structured_output, GrammarSpec):
+            raise ValueError("structured_output must be a GrammarSpec")
+        for t, bias in (self.logit_bias or {}).items():
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {t}")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids or not all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)):
+            raise ValueError("allowed_token_ids must be a non-empty list of token ids")
+        for seq in self.bad_words_token_ids or []:
+            if not seq or not all(_is_int(t) and t >= 0 for t in seq):
+                raise ValueError("bad_words must each encode to at least one token")
 
     @property
     def greedy(self) -> bool:

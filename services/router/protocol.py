@@ -24,6 +24,7 @@ class FunctionSpec(_Lenient):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # true: a call's arguments are grammar-constrained to `parameters`
 
 
 class ToolSpec(_Lenient):
@@ -64,6 +65,17 @@ class SamplingFields(_Lenient):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False
     user: str | None = None
+    # Constraints on the output (router/constraint_params.py, router/structured_request.py).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    best_of: int | None = None
 
 
 class ChatMessage(_Lenient):

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from glmserve.engine.structured_output.spec import GrammarSpec
 from glmserve.router.choice_stream import ChoiceDelta, ChoiceStream
+from glmserve.router.constraint_params import apply_constraints
+from glmserve.router.field_audit import refuse_unsupported_fields
 from glmserve.router.errors import APIError
 from glmserve.router.protocol import ChatCompletionRequest, NamedToolChoice
 from glmserve.router.request_params import build_sampling_params, max_tokens_for, per_choice_params
 from glmserve.router.serving_common import (ChoiceRun, RequestTiming, chat_logprobs, collect_until_disconnect,
                                             new_id, sse, stream_with_timeout)
 from glmserve.router.state import RouterState
+from glmserve.router.structured_request import make_spec, requested_grammar
+from glmserve.router.tool_grammar import tool_call_structural_tag
 
 
 def _messages(body: ChatCompletionRequest) -> list[dict]:
@@ -34,19 +40,39 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
     return out
 
 
-def _forced_prefix(body: ChatCompletionRequest) -> str:
-    """tool_choice required / named: start the reply inside a tool call, so the model must make one."""
+def _forces_tool_call(body: ChatCompletionRequest, tool_parser: str | None) -> bool:
+    """tool_choice required / named: the reply must be tool calls (a grammar makes sure, tool_grammar.py)."""
     if isinstance(body.tool_choice, NamedToolChoice):
         names = {t.function.name for t in body.tools or []}
         if body.tool_choice.function.name not in names:
             raise APIError(400, f"tool_choice names {body.tool_choice.function.name!r}, which is not in tools",
                            param="tool_choice")
-        return "<tool_call>" + body.tool_choice.function.name
-    if body.tool_choice == "required":
+    elif body.tool_choice == "required":
         if not body.tools:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
-        return "<tool_call>"
-    return ""
+    else:
+        return False
+    if tool_parser is None:
+        raise APIError(400, "tool_choice 'required' or a named function needs the server started with "
+                            "--tool-call-parser", param="tool_choice")
+    return True
+
+
+def _grammar(body: ChatCompletionRequest, tools: list[dict] | None, tool_parser: str | None,
+             end_think_id: int | None) -> tuple[GrammarSpec | None, bool]:
+    """The request's grammar (from response_format / structured_outputs / guided_*, or its tool calls),
+    and whether it is the tool-call grammar."""
+    asked = requested_grammar(body)
+    tool_tag = None
+    if tools and tool_parser is not None and body.tool_choice != "none":
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else body.tool_choice
+        tool_tag = tool_call_structural_tag(tools, choice, body.parallel_tool_calls, tool_parser)
+    if asked and tool_tag:
+        raise APIError(400, f"{asked[2]} cannot be combined with tool_choice 'required', a named function or "
+                            "strict tools", param=asked[2])
+    if tool_tag:
+        return make_spec("structural_tag", json.dumps(tool_tag), "tools", end_think_id), True
+    return (make_spec(*asked, end_think_id) if asked else None), False
 
 
 class ChatHandler:
@@ -56,10 +82,11 @@ class ChatHandler:
     async def handle(self, body: ChatCompletionRequest, raw: Request):
         st = self.state
         st.check_model(body.model)
+        refuse_unsupported_fields(body)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         kwargs = dict(body.chat_template_kwargs or {})
         thinking = bool(kwargs.get("enable_thinking", True))
-        prefix = _forced_prefix(body)
+        forced = _forces_tool_call(body, st.config.tool_call_parser)
         try:
             prompt = st.tokenizer.apply_chat_template(_messages(body), tools=tools,
                                                       add_generation_prompt=body.add_generation_prompt, **kwargs)
@@ -67,22 +94,32 @@ class ChatHandler:
             raise
         except Exception as exc:  # template errors are the caller's input problem
             raise APIError(400, f"could not render the chat template: {exc}", param="messages") from exc
-        if prefix:
-            prompt = st.close_open_think(prompt) + prefix
+        if forced:
+            prompt = st.close_open_think(prompt)
             thinking = False
+        # The output starts inside a thinking block only when the rendered prompt left one open.
+        think_open = prompt.rstrip().endswith("<think>")
+        # With a reasoning parser the grammar waits for the end of an open thinking block (as vLLM).
+        reasoning_first = think_open and st.reasoning_parser_cls is not None
+        grammar, tool_grammar = _grammar(body, tools, st.config.tool_call_parser,
+                                         st.tokenizer.token_to_id("</think>") if reasoning_first else None)
         prompt_ids = st.tokenizer.encode(prompt)
         info = st.backend.model_info()
         max_tokens = max_tokens_for(body.max_completion_tokens or body.max_tokens, len(prompt_ids), info)
         n_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-        params = build_sampling_params(body, max_tokens, n_logprobs, st.defaults)
+        params = apply_constraints(build_sampling_params(body, max_tokens, n_logprobs, st.defaults), body,
+                                   st.tokenizer, grammar)
+        if grammar is not None:
+            st.metrics.get("structured_output_requests", kind=grammar.kind).inc()
         use_tools = bool(body.tools) and body.tool_choice != "none" and st.tool_parser_cls is not None
 
         def make_stream(_: int) -> ChoiceStream:
-            reasoning = st.reasoning_parser_cls(thinking_enabled=thinking) if st.reasoning_parser_cls else None
-            tool = st.tool_parser_cls(tools) if use_tools else None
-            return ChoiceStream(st.tokenizer, prompt_ids, params, reasoning, tool, text_prefix=prefix)
+            reasoning = (st.reasoning_parser_cls(thinking_enabled=thinking, starts_in_think=think_open)
+                         if st.reasoning_parser_cls else None)
+            tool = st.tool_parser_cls(tools, grammar_padding=tool_grammar) if use_tools else None
+            return ChoiceStream(st.tokenizer, prompt_ids, params, reasoning, tool)
 
         request_id = new_id("chatcmpl")
         timing = RequestTiming(st.metrics)

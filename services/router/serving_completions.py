@@ -11,6 +11,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glmserve.router.choice_stream import ChoiceStream
 from glmserve.router.errors import APIError
 from glmserve.router.protocol import CompletionRequest
+from glmserve.router.constraint_params import apply_constraints
+from glmserve.router.field_audit import refuse_unsupported_fields
+from glmserve.router.structured_request import make_spec, requested_grammar
 from glmserve.router.request_params import build_sampling_params, max_tokens_for, per_choice_params
 from glmserve.router.serving_common import (ChoiceRun, RequestTiming, collect_until_disconnect,
                                             completion_logprobs, new_id, sse, stream_with_timeout)
@@ -40,10 +43,15 @@ class CompletionHandler:
     async def handle(self, body: CompletionRequest, raw: Request):
         st = self.state
         st.check_model(body.model)
+        refuse_unsupported_fields(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         info = st.backend.model_info()
         prompts = _prompts(body, st.tokenizer)
+        asked = requested_grammar(body)
+        grammar = make_spec(*asked, None) if asked else None
+        if grammar is not None:
+            st.metrics.get("structured_output_requests", kind=grammar.kind).inc()
         runs = []
         request_id = new_id("cmpl")
         for k, (text, ids) in enumerate(prompts):
@@ -53,7 +61,8 @@ class CompletionHandler:
             if bad:
                 raise APIError(400, f"prompt token ids out of range [0, {info.vocab_size}): {bad[:5]}", param="prompt")
             max_tokens = max_tokens_for(body.max_tokens, len(ids), info)
-            params = build_sampling_params(body, max_tokens, body.logprobs, st.defaults)
+            params = apply_constraints(build_sampling_params(body, max_tokens, body.logprobs, st.defaults), body,
+                                       st.tokenizer, grammar)
 
             def make_stream(_: int, ids=ids, params=params) -> ChoiceStream:
                 return ChoiceStream(st.tokenizer, ids, params)

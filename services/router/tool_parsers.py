@@ -9,10 +9,11 @@ ignored.
 Rules, identical for streaming and non-streaming (`parse` runs the streaming machine on the whole text):
 - A call counts once `<tool_call>NAME` is followed by `<arg_key>` or `</tool_call>`. Anything else
   after the tag (an invalid name, a second word, JSON) makes it plain content, tag included.
-- A value stays text when the tool's JSON schema types the parameter as a string; otherwise it is
-  decoded as JSON, falling back to text. String values stream as they arrive; other values are
-  emitted whole at `</arg_value>`. The argument fragments concatenate to `json.dumps(args)`.
-- A call cut off by the end of the output is closed with the arguments completed so far.
+- A value stays text when the tool's JSON schema allows a string for the parameter (`string`, a type
+  list or anyOf/oneOf with a string branch, string enums), so "123" stays "123"; otherwise it is
+  decoded as JSON, falling back to text. The argument fragments concatenate to `json.dumps(args)`.
+- A call is emitted once it is complete (`</tool_call>`): a call cut off by the end of the output
+  (max_tokens) is returned as content, text as written, never as a half-written call.
 - Whitespace right before a call, and trailing whitespace when the output holds calls, is dropped.
 - No prefix of a tag ever reaches content: a possible partial tag at the end is held back.
 """
@@ -97,13 +98,16 @@ def _string_params(tools: list[dict] | None) -> dict[str, set[str]]:
 
 
 def _is_string_schema(schema: Any) -> bool:
+    """Whether the schema allows a string: then a value like 123 or true is kept as the text written."""
     if not isinstance(schema, dict):
         return False
     kind = schema.get("type")
-    if isinstance(kind, list):  # e.g. ["string", "null"]
-        return [k for k in kind if k != "null"] == ["string"]
+    if isinstance(kind, list):  # e.g. ["string", "null"], ["integer", "string"]
+        return "string" in kind
     if kind is None and schema.get("enum"):
         return all(isinstance(v, str) for v in schema["enum"])
+    if kind is None and any(_is_string_schema(s) for key in ("anyOf", "oneOf") for s in schema.get(key) or []):
+        return True
     return kind == "string"
 
 
@@ -129,8 +133,11 @@ def _new_call_id() -> str:
 class GlmToolParser:
     """Streaming and non-streaming parser for GLM `<tool_call>` blocks (both layouts)."""
 
-    def __init__(self, tools: list[dict] | None = None):
+    def __init__(self, tools: list[dict] | None = None, grammar_padding: bool = False):
         self._tools = tools
+        # Calls written under the tool grammar (router/tool_grammar.py): xgrammar's glm_xml style lets
+        # one blank pad each side of a value, which is layout, not part of the value.
+        self._grammar_padding = grammar_padding
         self._string_params = _string_params(tools)
         self._buf = ""  # text not yet consumed
         self._state = "content"  # content | name | body | key | after_key | value
@@ -141,16 +148,20 @@ class GlmToolParser:
         self._key = ""
         self._value_is_string = False
         self._num_args = 0
+        self._pending: list[DeltaEvent] = []  # events of the open call, released at </tool_call>
+        self._call_text = ""  # text after the open call's <tool_call>, to return it as content if cut off
 
     # ----------------------------------------------------------------------------------- API
 
     def parse(self, text: str) -> ParsedToolCalls:
         """Non-streaming: the whole output at once (does not touch this parser's stream state)."""
-        fresh = type(self)(self._tools)
+        fresh = type(self)(self._tools, self._grammar_padding)
         return merge_events(fresh.feed(text) + fresh.finish())
 
     def feed(self, delta_text: str) -> list[DeltaEvent]:
         self._buf += delta_text
+        if self._state != "content":
+            self._call_text += delta_text
         while self._step(final=False):
             pass
         return self._take()
@@ -161,11 +172,9 @@ class GlmToolParser:
             pass
         if self._state == "name":  # the call never became one
             self._content(TOOL_CALL_START + self._buf)
-        elif self._state == "value":
-            self._end_value(self._buf)
-            self._close_call()
-        elif self._state != "content":
-            self._close_call()  # a partial key or junk is dropped
+        elif self._state != "content":  # cut off: the call as written becomes content
+            self._pending = []
+            self._content(TOOL_CALL_START + self._call_text)
         else:
             self._content(self._buf)
         self._buf, self._state = "", "content"
@@ -189,6 +198,7 @@ class GlmToolParser:
         if i >= 0:
             self._content(self._buf[:i])  # its trailing whitespace waits: the call may be malformed
             self._buf, self._state = self._buf[i + len(TOOL_CALL_START):], "name"
+            self._call_text = self._buf
             return True
         if not final:
             safe = len(self._buf) - partial_tag_len(self._buf, (TOOL_CALL_START,))
@@ -251,15 +261,11 @@ class GlmToolParser:
 
     def _step_value(self, final: bool) -> bool:
         i = self._buf.find(ARG_VALUE_END)
-        if i >= 0:
-            self._end_value(self._buf[:i])
-            self._buf, self._state = self._buf[i + len(ARG_VALUE_END):], "body"
-            return True
-        if self._value_is_string and not final:  # stream the text, hold a partial end tag
-            safe = len(self._buf) - partial_tag_len(self._buf, (ARG_VALUE_END,))
-            self._args(_json(self._buf[:safe])[1:-1])
-            self._buf = self._buf[safe:]
-        return False
+        if i < 0:
+            return False  # the call is emitted whole at </tool_call>, so the value can wait for its end
+        self._end_value(self._buf[:i])
+        self._buf, self._state = self._buf[i + len(ARG_VALUE_END):], "body"
+        return True
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -284,29 +290,31 @@ class GlmToolParser:
 
     def _args(self, fragment: str) -> None:
         if fragment:
-            self._events.append(DeltaEvent("tool_call", index=self._index, arguments=fragment))
+            self._pending.append(DeltaEvent("tool_call", index=self._index, arguments=fragment))
 
     def _open_call(self, name: str) -> None:
         self._held_ws = ""  # whitespace before a call carries nothing
         self._index += 1
         self._name, self._num_args = name, 0
-        self._events.append(DeltaEvent("tool_call", index=self._index, id=_new_call_id(), name=name))
+        self._pending = [DeltaEvent("tool_call", index=self._index, id=_new_call_id(), name=name)]
 
     def _start_value(self) -> None:
         self._value_is_string = self._key in self._string_params.get(self._name, ())
         sep = "{" if self._num_args == 0 else ", "
         self._num_args += 1
-        self._args(f"{sep}{_json(self._key)}: " + ('"' if self._value_is_string else ""))
+        self._args(f"{sep}{_json(self._key)}: ")
         self._state = "value"
 
     def _end_value(self, raw: str) -> None:
-        if self._value_is_string:
-            self._args(_json(raw)[1:-1] + '"')
-        else:
-            self._args(_json(_decode_value(raw)))
+        if self._grammar_padding:
+            raw = raw[1:] if raw[:1].isspace() else raw
+            raw = raw[:-1] if raw[-1:].isspace() else raw
+        self._args(_json(raw if self._value_is_string else _decode_value(raw)))
 
     def _close_call(self) -> None:
         self._args("}" if self._num_args else "{}")
+        self._events += self._pending
+        self._pending = []
         self._state = "content"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from glmserve.engine.sampled_token import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.structured_output.spec import GrammarSpec
 from glmserve.protos import worker_pb2 as pb
 from glmserve.worker.lifecycle import ServingState
 
@@ -28,7 +29,29 @@ def params_to_pb(p: SamplingParams, eos_token_ids: frozenset[int] | None = None)
         msg.max_tokens = p.max_tokens
     if p.logprobs is not None:
         msg.logprobs = p.logprobs
+    _constraints_to_pb(p, msg)
     return msg
+
+
+def _constraints_to_pb(p: SamplingParams, msg: pb.SamplingOptions) -> None:
+    g = p.structured_output
+    if g is not None:
+        msg.grammar.CopyFrom(pb.GrammarSpec(kind=g.kind, value=g.value, start_after_token_id=g.start_after_token_id))
+    for t, bias in (p.logit_bias or {}).items():
+        msg.logit_bias[t] = bias
+    msg.allowed_token_ids.extend(p.allowed_token_ids or [])
+    msg.bad_words.extend(pb.TokenSequence(token_ids=seq) for seq in p.bad_words_token_ids or [])
+
+
+def _constraints_from_pb(msg: pb.SamplingOptions) -> dict:
+    g = msg.grammar if msg.HasField("grammar") else None
+    return dict(
+        structured_output=None if g is None else GrammarSpec(
+            g.kind, g.value, g.start_after_token_id if g.HasField("start_after_token_id") else None),
+        logit_bias=dict(msg.logit_bias) or None,
+        allowed_token_ids=list(msg.allowed_token_ids) or None,
+        bad_words_token_ids=[list(s.token_ids) for s in msg.bad_words] or None,
+    )
 
 
 def params_from_pb(msg: pb.SamplingOptions) -> tuple[SamplingParams, frozenset[int] | None]:
@@ -43,6 +66,7 @@ def params_from_pb(msg: pb.SamplingOptions) -> tuple[SamplingParams, frozenset[i
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
         min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        **_constraints_from_pb(msg),
     )
     return params, (frozenset(msg.eos_token_ids) if msg.eos_token_ids else None)
 

@@ -32,6 +32,8 @@ class EngineMetrics:
             for s in samples:
                 hist.observe(s)
             samples.clear()
+        for seconds in engine.structured.drain_compile_times():
+            self.metrics.get("grammar_compile_seconds").observe(seconds)
         now = time.monotonic()
         if now - self._last < self._min_interval and engine.has_unfinished():
             return

@@ -72,9 +72,14 @@ CASES = {
     # Same generation as glm47_call, but the call is left in the content, unparsed.
     "tool_choice_none": ("glm47_call", {"tool_choice": "none"}, Expected(
         CONVERSATIONS["glm47_call"].reply.split("</think>")[1], "The user wants a forecast.")),
-    # The router forces "<tool_call>get_weather" (and closes <think>); the model writes the arguments.
+    # The router closes <think>; the grammar allows only one get_weather call, which the model writes.
     "named_tool_choice": ("named_choice", {"tool_choice": NAMED_WEATHER},
                           Expected(None, None, [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    "required_single_call": ("named_choice", {"tool_choice": "required", "parallel_tool_calls": False},
+                             Expected(None, None, [("get_weather", WEATHER_ARGS)], "tool_calls")),
+    # A call written inside the thinking block is a call, not reasoning text.
+    "call_inside_thinking": ("call_in_think", {}, Expected(None, "Need the weather first.",
+                                                          [("get_weather", WEATHER_ARGS)], "tool_calls")),
 }
 
 

@@ -36,6 +36,7 @@ SET_CONFIG = {"type": "function", "function": {
 
 SKY_QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris for 3 days?"}]
+TRIP_REQUEST = [{"role": "user", "content": "Plan my Paris trip; check the forecast."}]
 CONFIG_REQUEST = [{"role": "user", "content": "Tag the run fast and small, level 2 with debug."}]
 
 WEATHER_CALL_ARGS = ("<arg_key>city</arg_key><arg_value>Paris</arg_value>"
@@ -51,7 +52,7 @@ class Conversation:
     eos: str
     tools: list | None = None
     chat_template_kwargs: dict = field(default_factory=dict)
-    # Text the router appends to the rendered prompt itself (a named tool_choice forces "<tool_call>NAME").
+    # Text the router appends to the rendered prompt itself (a forced tool call closes an open <think>).
     forced_suffix: str = ""
 
 
@@ -71,9 +72,13 @@ CONVERSATIONS: dict[str, Conversation] = {
     # d) same question as a) with thinking off: the prompt closes <think>, the reply is plain content.
     "no_thinking": Conversation(SKY_QUESTION, "Blue light scatters most.", "<|endoftext|>",
                                 chat_template_kwargs={"enable_thinking": False}),
-    # b) with tool_choice naming get_weather: the router closes <think> and opens the call in the prompt.
-    "named_choice": Conversation(WEATHER_QUESTION, WEATHER_CALL_ARGS, "<|observation|>", tools=[GET_WEATHER],
-                                 forced_suffix="</think><tool_call>get_weather"),
+    # b) with tool_choice naming get_weather: the router closes <think> in the prompt; the grammar makes
+    # the reply that one call (the model writes it as trained, within the grammar).
+    "named_choice": Conversation(WEATHER_QUESTION, "<tool_call>get_weather" + WEATHER_CALL_ARGS, "<|observation|>",
+                                 tools=[GET_WEATHER], forced_suffix="</think>"),
+    # e) GLM-4.7 calling a tool from inside its thinking block (no </think>): reasoning ends at <tool_call>.
+    "call_in_think": Conversation(TRIP_REQUEST, "Need the weather first.<tool_call>get_weather"
+                                  + WEATHER_CALL_ARGS, "<|observation|>", tools=[GET_WEATHER, SET_CONFIG]),
 }
 
 
