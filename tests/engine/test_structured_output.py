@@ -102,9 +102,9 @@ def test_engine_refuses_a_bad_grammar_and_out_of_vocab_ids(llm):
 def test_sampler_applies_logit_bias_allowed_ids_and_bad_words():
     logits = torch.zeros(3, 10)
     logits[:, 0] = 5.0  # token 0 wins unless a constraint says otherwise
-    rows = [SamplingRow(SamplingParams(temperature=0, logit_bias={7: 10.0}), [1], [5, 6]),
-            SamplingRow(SamplingParams(temperature=0, allowed_token_ids=[3, 4]), [1], [5, 6]),
-            SamplingRow(SamplingParams(temperature=0, bad_words_token_ids=[[6, 0], [9]]), [1], [5, 6])]
+    rows = [SamplingRow(SamplingParams(temperature=0, logit_bias={7: 10.0}), [1, 5, 6], 1),
+            SamplingRow(SamplingParams(temperature=0, allowed_token_ids=[3, 4]), [1, 5, 6], 1),
+            SamplingRow(SamplingParams(temperature=0, bad_words_token_ids=[[6, 0], [9]]), [1, 5, 6], 1)]
     logits[1, 4] = 1.0
     logits[2, 9] = 4.0
     got = [t.token_id for t in Sampler()(logits, rows)]
