@@ -120,3 +120,28 @@ def test_logit_bias_allowed_token_ids_and_bad_words(client, served):
     again = client.completions.create(model=MODEL, prompt="data:", max_tokens=6, temperature=0,
                                       extra_body={"return_token_ids": True, "bad_words": [word]})
     assert again.choices[0].token_ids[0] != first
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_grammar_metrics(client, served):
+    """Runs after the tests above: the router counted their grammars, the workers timed their compiles."""
+    import urllib.request
+
+    def scrape(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    router = scrape(served.base_url + "/metrics")
+    assert _metric(router, "glmserve:structured_output_requests_total", kind="json") >= 40
+    assert _metric(router, "glmserve:structured_output_requests_total", kind="regex") >= 1
+    for name, (_, ready_url, _) in served.processes.items():
+        if name != "router":
+            worker = scrape(ready_url.rsplit("/", 1)[0] + "/metrics")
+            assert _metric(worker, "glmserve:grammar_compile_seconds_count") >= 20, name
