@@ -171,9 +171,18 @@ def main() -> int:
             results = {}
             for kind in servers:
                 print(f"  {name}: {kind} ...", flush=True)
-                results[kind] = serve_and_measure(kind, model_dir, prompts, args)
+                try:
+                    results[kind] = serve_and_measure(kind, model_dir, prompts, args)
+                except Exception as e:  # noqa: BLE001 - a failed server is a row with its error, not a lost run
+                    print(f"  {name}: {kind} failed: {type(e).__name__}: {e}", flush=True)
+                    results[kind] = {"error": f"{type(e).__name__}: {e}"}
+            raw[name] = results
             base = results.get("transformers serve")
+            base = None if base is None or "error" in base else base
             for kind, r in results.items():
+                if "error" in r:
+                    rows.append({"checkpoint": name, "server": kind, "error": r["error"]})
+                    continue
                 agree = None
                 if base is not None:
                     agree = sum(_same_text(a["text"], b["text"]) for a, b in zip(r["requests"], base["requests"]))
@@ -182,13 +191,12 @@ def main() -> int:
                              "duration_s": r["duration_s"], "mean_ttft_ms": r["mean_ttft_ms"],
                              "x_transformers": r["output_tok_s"] / base["output_tok_s"] if base else None,
                              "texts_equal_transformers": agree})
-            raw[name] = results
     print_table(f"serving, {args.num_prompts} requests, concurrency {args.concurrency}, {args.input_len}-token "
                 f"prompts, {args.output_len} greedy tokens max (CPU)", rows,
                 [("checkpoint", "checkpoint", ""), ("params_m", "M params", ".1f"), ("server", "server", ""),
                  ("output_tok_s", "out tok/s", ".0f"), ("x_transformers", "x transformers", ".2f"),
                  ("completion_tokens", "tokens", "d"), ("mean_ttft_ms", "TTFT ms", ".0f"),
-                 ("texts_equal_transformers", "same text", "d")])
+                 ("texts_equal_transformers", "same text", "d"), ("error", "error", "")])
     write_json(args.out, {"environment": environment(torch.device("cpu")), "arguments": vars(args),
                           "cpu_count": os.cpu_count(), "results": rows, "raw": raw})
     return 0
