@@ -198,7 +198,8 @@ def main() -> int:
                  ("completion_tokens", "tokens", "d"), ("mean_ttft_ms", "TTFT ms", ".0f"),
                  ("texts_equal_transformers", "same text", "d"), ("error", "error", "")])
     write_json(args.out, {"environment": environment(torch.device("cpu")), "arguments": vars(args),
-                          "cpu_count": os.cpu_count(), "results": rows, "raw": raw})
+                          "cpu_count": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0],
+                          "results": rows, "raw": raw})
     return 0
 
 
