@@ -119,6 +119,8 @@ def serve_and_measure(kind: str, model_dir: Path, prompts: list[str], args) -> d
     port = free_port()
     log = open(Path(args.log_dir) / f"{kind.replace(' ', '_')}_{model_dir.name}.log", "w")
     env = dict(os.environ)
+    if args.threads:  # torch in every server process reads it (glmserve up sets its workers' own)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen(server_command(kind, model_dir, port), stdout=log, stderr=subprocess.STDOUT,
                             cwd=tempfile.gettempdir(), env=env, start_new_session=True)
     try:
@@ -148,6 +150,9 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=130)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="OMP_NUM_THREADS for the servers (0: torch's default, every core); on a shared machine 1 "
+                        "avoids OpenMP threads waiting on each other")
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--log-dir", default=tempfile.gettempdir(), help="server logs go here")
     p.add_argument("--label", default="", help="free text saved in the JSON (e.g. before / after)")
