@@ -4,7 +4,10 @@ This process is the decode worker D (KVLinkServer + receiver); a spawned child i
 For each scenario P sends one transfer of `layers` messages (one per layer, `tokens` tokens each, as
 layer-wise prefill does), gathered from P's paged cache and scattered into D's. Then the same two
 processes move the same bytes in the same message sizes over a bare ProcessGroupGloo (no header, no
-gather/scatter) and, as a ceiling, in messages of about 64 MiB.
+gather/scatter) and, as a ceiling, in messages of about 64 MiB. Both caches hold the transfer in
+consecutive blocks, so whole blocks land straight in D's cache; `kv_link` copies them out of P's cache
+before sending (send_layer's default: P may reuse its blocks at once), `kv_link_zero_copy` sends them
+from P's cache (copy=False: P keeps the blocks until finish() completes).
 
     python benchmarks/kv_link_bench.py --out kv_link_bench.json
 """
@@ -83,12 +86,12 @@ def _p_main(conn, port: int, threads: int) -> None:
     while True:
         cmd = conn.recv()
         if cmd[0] == "link":
-            _, address, sc, tid = cmd
+            _, address, sc, tid, copy = cmd
             cache = caches.setdefault(sc.name, sc.cache(seed=0))
             tx = client.sender(address)
             blocks = list(range(cache.shape[0]))
             for layer in range(sc.layers):
-                tx.send_layer(tid, layer, cache, blocks, 0, sc.tokens)
+                tx.send_layer(tid, layer, cache, blocks, 0, sc.tokens, copy=copy)
             conn.send(tx.finish(tid).result(120))
         elif cmd[0] == "raw_setup":
             raw = _raw_group(port, 1, cmd[1])
@@ -104,12 +107,12 @@ def _p_main(conn, port: int, threads: int) -> None:
             return
 
 
-def _time_link(rx, d_cache: torch.Tensor, conn, sc: Scenario) -> float:
+def _time_link(rx, d_cache: torch.Tensor, conn, sc: Scenario, copy: bool = True) -> float:
     """One transfer: from D's request to P until every layer is in D's cache."""
     tid = rx.new_transfer_id()
     h = rx.expect(tid, [d_cache] * sc.layers, list(range(d_cache.shape[0])), sc.tokens, sc.layers)
     t0 = time.perf_counter()
-    conn.send(("link", rx.address, sc, tid))
+    conn.send(("link", rx.address, sc, tid, copy))
     got = h.wait(120)
     dt = time.perf_counter() - t0
     assert conn.recv() == got == sc.layers * sc.message_bytes, "byte count mismatch"
@@ -166,6 +169,7 @@ def main() -> None:
         same, big = torch.empty(sc.message_bytes, dtype=torch.uint8), torch.empty(total // n_big, dtype=torch.uint8)
         runs = {  # path -> (message bytes, messages, one timed run)
             "kv_link": (sc.message_bytes, sc.layers, lambda: _time_link(rx, d_cache, conn, sc)),
+            "kv_link_zero_copy": (sc.message_bytes, sc.layers, lambda: _time_link(rx, d_cache, conn, sc, False)),
             "raw_gloo_same_msgs": (sc.message_bytes, sc.layers, lambda: _time_raw(pg, same, conn, sc.layers)),
             "raw_gloo_big_msgs": (total // n_big, n_big, lambda: _time_raw(pg, big, conn, n_big)),
         }
@@ -196,6 +200,7 @@ def main() -> None:
         "python": platform.python_version(), "cpu_count": mp.cpu_count(), "iters": args.iters,
         "torch_threads": args.threads, "loadavg_1m_at_end": os.getloadavg()[0],
         "scenarios": [asdict(s) for s in scenarios], "results": rows,
+        "d_bytes_received": rx.bytes_received, "d_bytes_in_place": rx.bytes_in_place,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import torch
 import torch.distributed as dist
 
+from glmserve.engine.kv_wire import HEADER_LEN
+
 if TYPE_CHECKING:
     from glmserve.metrics import ServiceMetrics
 
@@ -154,7 +156,7 @@ class Channel:
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", link_store), rank, 2, nopts)
         # Payload buffers live where the data group can reach them.
         self.wire_device = device if self.backend == "nccl" else torch.device("cpu")
-        self.header = torch.zeros(8, dtype=torch.int64)  # filled by the last completed header recv
+        self.header = torch.zeros(HEADER_LEN, dtype=torch.int64)  # filled by the last completed header recv
         self._buffers = [torch.empty(0, dtype=torch.uint8, device=self.wire_device) for _ in range(2)]
 
     def post(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> "Sending":
@@ -182,6 +184,10 @@ class Channel:
             self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.wire_device)
         buf = self._buffers[slot][:nbytes]
         return self.data.recv([buf], self.peer, _TAG), buf
+
+    def post_recv_into(self, target: torch.Tensor) -> dist.Work:
+        """Receive a payload straight into `target` (contiguous, on the wire device): no staging copy."""
+        return self.data.recv([target.view(-1).view(torch.uint8)], self.peer, _TAG)
 
 
 @dataclass

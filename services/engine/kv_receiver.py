@@ -25,7 +25,8 @@ from glmserve.engine.kv_link import (
     notify, BlockIds, resolve_future, side_stream, client_store,
 )
 from glmserve.engine.kv_wire import (
-    CANCEL, CLOSE, DONE, HEARTBEAT, KV, Header, block_size_of, scatter_tokens, token_shape, token_slots,
+    CANCEL, CLOSE, DONE, HEARTBEAT, KV, Header, block_size_of, blocks_as_tokens, consecutive_start, scatter_tokens,
+    token_shape, token_slots,
 )
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class TransferHandle:
     def cancel(self) -> None:
         self.receiver.cancel(self.transfer_id)
 
-    def _apply(self, h: Header, payload: torch.Tensor) -> None:
+    def _check(self, h: Header) -> torch.Tensor:
+        """Validate a KV message for this transfer and record its tokens as arrived; returns the layer's cache."""
         if not 0 <= h.layer < self.coverage.num_layers:
             raise ValueError(f"layer {h.layer} out of range")
         cache = self.kv_caches[h.layer]
@@ -84,9 +86,37 @@ class TransferHandle:
         if h.dtype != cache.dtype or h.numel != h.count * prod(shape):
             raise ValueError(f"payload {h.numel} x {h.dtype} does not fit {h.count} tokens of {shape} x {cache.dtype}")
         self.coverage.add(h.layer, h.start, h.count)
-        values = payload.view(h.dtype).view(h.count, *shape).to(cache.device)
-        blk, off = token_slots(self.block_ids, block_size_of(cache), h.start, h.count, cache.device)
-        scatter_tokens(cache, blk, off, values)
+        return cache
+
+    def _direct_target(self, h: Header) -> torch.Tensor | None:
+        """The region of D's cache a whole-blocks message can land in as is (same block size, consecutive
+        destination blocks, cache on the wire's device), or None. Checks the message first."""
+        cache = self.kv_caches[h.layer] if 0 <= h.layer < self.coverage.num_layers else None
+        if (cache is None or cache.is_cuda or h.block_size != block_size_of(cache) or not cache.is_contiguous()
+                or h.dtype != cache.dtype):
+            return None
+        first, n = h.start // h.block_size, h.count // h.block_size
+        if first + n > self.block_ids.numel():
+            return None
+        run = consecutive_start(self.block_ids[first : first + n])
+        if run is None:
+            return None
+        self._check(h)
+        return cache[run : run + n]
+
+    def _apply(self, h: Header, payload: torch.Tensor) -> None:
+        cache = self._check(h)
+        shape = token_shape(cache)
+        values = payload.view(h.dtype)
+        if h.block_size == block_size_of(cache):  # whole blocks to blocks: copy block rows
+            first, n = h.start // h.block_size, h.count // h.block_size
+            dst = self.block_ids[first : first + n].to(cache.device)
+            cache.index_copy_(0, dst, values.view(n, *cache.shape[1:]).to(cache.device))
+        else:
+            if h.block_size:
+                values = blocks_as_tokens(values, shape, h.block_size)
+            blk, off = token_slots(self.block_ids, block_size_of(cache), h.start, h.count, cache.device)
+            scatter_tokens(cache, blk, off, values.view(h.count, *shape).to(cache.device))
         if cache.is_cuda:  # done before the lock is released: a cancel may hand these blocks to another request
             torch.cuda.current_stream(cache.device).synchronize()
         self.bytes_received += h.nbytes
@@ -103,11 +133,15 @@ class KVReceiver:
         self.device = torch.device(device)
         self.bytes_received = 0
         self.bytes_dropped = 0  # part of bytes_received: data of unknown or cancelled transfers
+        self.bytes_in_place = 0  # part of bytes_received: whole blocks received straight into the cache
         self.backend: str | None = None
         self.error: KVLinkError | None = None
         self.connected = threading.Event()
         self._timeout_s, self._observer = timeout_s, observer
         self._lock = threading.Lock()
+        # Signalled when a payload that lands straight in a transfer's blocks has landed (cancel waits).
+        self._landed = threading.Condition(self._lock)
+        self._landing: int | None = None  # transfer id of the payload landing in its blocks now
         self._pending: dict[int, TransferHandle] = {}
         self._ids = itertools.count(1)
         self._closed = False
@@ -144,9 +178,12 @@ class KVReceiver:
         return handle
 
     def cancel(self, transfer_id: int) -> None:
-        """After this returns nothing more is written into the transfer's blocks."""
-        with self._lock:  # waits for a scatter in progress
+        """After this returns nothing more is written into the transfer's blocks (it waits for a scatter in
+        progress, or for a payload already landing in the blocks, which P is sending at that moment)."""
+        with self._lock:
             handle = self._pending.pop(transfer_id, None)
+            while self._landing == transfer_id and self.error is None:
+                self._landed.wait(1.0)
         if handle is not None:
             resolve_future(handle.future, exc=KVTransferCancelled(f"transfer {transfer_id} cancelled by the decode side"))
 
@@ -182,13 +219,24 @@ class KVReceiver:
             header_work.wait()
             h = Header.decode(ch.header)
             if h.kind == KV:
-                payload_work, payload = ch.post_payload_recv(h.nbytes, slot)  # always drained: stays in step
-                slot ^= 1
+                if landed is not None and h.block_size:
+                    self._scatter(*landed)  # before checking h: it may complete or fail the same transfer
+                    landed = None
+                target = self._land_directly(h) if h.block_size and ch.backend == "gloo" else None
+                if target is not None:
+                    payload_work, payload = ch.post_recv_into(target), None
+                else:  # always drained: stays in step
+                    payload_work, payload = ch.post_payload_recv(h.nbytes, slot)
+                    slot ^= 1
                 header_work = ch.post_header_recv()  # gloo matches receives in posting order
                 if landed is not None:
                     self._scatter(*landed)
-                payload_work.wait()
-                landed = (h, payload)
+                try:
+                    payload_work.wait()
+                finally:
+                    if target is not None:
+                        self._landing_done(h)
+                landed = None if target is not None else (h, payload)
                 continue
             if landed is not None:
                 self._scatter(*landed)
@@ -200,6 +248,40 @@ class KVReceiver:
             elif h.kind != HEARTBEAT:
                 raise ValueError(f"unknown KV link message kind {h.kind}")
             header_work = ch.post_header_recv()
+
+    def _land_directly(self, h: Header) -> torch.Tensor | None:
+        """Where a whole-blocks payload can be received in place (see TransferHandle._direct_target)."""
+        with self._lock:
+            handle = self._pending.get(h.transfer_id)
+            if handle is None:
+                return None
+            try:
+                target = handle._direct_target(h)
+            except ValueError:
+                return None  # received into staging; _scatter fails the transfer with the reason
+            if target is not None:
+                self._landing = h.transfer_id
+            return target
+
+    def _landing_done(self, h: Header) -> None:
+        """Accounting of a payload that landed in place (as _scatter does for staged ones)."""
+        done = None
+        with self._lock:
+            self._landing = None
+            self._landed.notify_all()
+            self.bytes_received += h.nbytes
+            self.bytes_in_place += h.nbytes
+            handle = self._pending.get(h.transfer_id)
+            if handle is None:  # cancelled while landing: the data went into blocks it still held
+                self.bytes_dropped += h.nbytes
+            else:
+                handle.bytes_received += h.nbytes
+                if handle.coverage.remaining == 0:
+                    done = self._pending.pop(h.transfer_id)
+        notify(self._observer, LinkEvent(self.label, "bytes", "recv", h.nbytes))
+        if done is not None:
+            notify(self._observer, LinkEvent(self.label, "latency", "recv", time.monotonic() - done.started))
+            resolve_future(done.future, done.bytes_received)
 
     def _scatter(self, h: Header, payload: torch.Tensor) -> None:
         done = bad = None
@@ -244,6 +326,8 @@ class KVReceiver:
                 self.error = err
             failed = list(self._pending.values())
             self._pending.clear()
+            self._landing = None
+            self._landed.notify_all()
         if failed:
             log.warning("%s (%d transfers failed)", err, len(failed))
             notify(self._observer, LinkEvent(self.label, "failure", "recv", len(failed)))

@@ -1,7 +1,8 @@
 """The prefill side of the KV link (P): `KVLinkClient.sender(address)` joins the link the decode worker
-named; the prefill worker calls `send_layer` (from ForwardContext.on_layer_done) and `finish`. Each call
-copies the tokens out of P's cache before returning, so later steps may overwrite those slots; one thread
-per link sends in order."""
+named; the prefill worker calls `send_layer` (from ForwardContext.on_layer_done) and `finish`. By default
+each call copies the tokens out of P's cache before returning, so later steps may overwrite those slots
+(whole blocks are copied as blocks, one memcpy per run of consecutive blocks); with copy=False whole
+blocks go straight from the cache. One thread per link sends in order."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from glmserve.engine.kv_link import (
     local_address_towards, notify, BlockIds, resolve_future, side_stream, client_store,
 )
 from glmserve.engine.kv_wire import (
-    CANCEL, CLOSE, DONE, HEARTBEAT, KV, Header, block_size_of, gather_tokens, token_shape, token_slots,
+    CANCEL, CLOSE, DONE, HEARTBEAT, KV, Header, block_size_of, consecutive_start, gather_tokens, split_at_blocks,
+    token_shape, token_slots,
 )
 
 log = logging.getLogger(__name__)
@@ -82,21 +84,56 @@ class KVSender:
             self.send_layer(transfer_id, layer, cache, block_ids, 0, num_tokens)
 
     def send_layer(self, transfer_id: int, layer: int, kv_cache_of_layer: torch.Tensor, block_ids: BlockIds,
-                   start: int, count: int) -> None:
-        """Queue tokens start..start+count-1 of one layer; they are copied out before this returns."""
+                   start: int, count: int, *, copy: bool = True) -> None:
+        """Queue tokens start..start+count-1 of one layer. With copy (the default) they are copied out
+        before this returns, so the caller may reuse their blocks at once. copy=False sends runs of
+        consecutive whole blocks straight from the cache (no staging copy on P's cores): the caller must
+        leave those blocks untouched until finish()'s future is done (or the transfer is cancelled)."""
         if count <= 0 or self._dropped(transfer_id):
             return
         cache = kv_cache_of_layer
-        blk, off = token_slots(block_ids, block_size_of(cache), start, count, cache.device)
+        bs = block_size_of(cache)
+        ids = torch.as_tensor(block_ids, dtype=torch.int64)
+        if -(-(start + count) // bs) > ids.numel():
+            raise ValueError(f"tokens {start}..{start + count} do not fit in {ids.numel()} blocks of {bs}")
+        for first, n, whole in split_at_blocks(start, count, bs) if cache.is_contiguous() else [(start, count, False)]:
+            if whole:
+                self._send_blocks(transfer_id, layer, cache, ids[first // bs : (first + n) // bs], first, copy)
+            else:
+                self._send_tokens(transfer_id, layer, cache, ids, first, n)
+
+    def _send_tokens(self, transfer_id: int, layer: int, cache: torch.Tensor, ids: torch.Tensor,
+                     start: int, count: int) -> None:
+        blk, off = token_slots(ids, block_size_of(cache), start, count, cache.device)
         nbytes = count * prod(token_shape(cache)) * cache.element_size()
         buf = self._buffer(nbytes, cache.device)
         payload = gather_tokens(cache, blk, off, out=buf[:nbytes].view(cache.dtype))
+        self._queue_payload(Header(KV, transfer_id, layer, start, count, payload.numel(), payload.dtype), payload, buf)
+
+    def _send_blocks(self, transfer_id: int, layer: int, cache: torch.Tensor, ids: torch.Tensor, start: int,
+                     copy: bool) -> None:
+        bs, n = block_size_of(cache), ids.numel()
+        run = consecutive_start(ids)
+        buf = None
+        if run is not None and not copy:
+            payload = cache[run : run + n]  # a view: sent from the cache itself
+        else:
+            nbytes = n * cache[0].numel() * cache.element_size()
+            buf = self._buffer(nbytes, cache.device)
+            payload = buf[:nbytes].view(cache.dtype).view(n, *cache.shape[1:])
+            if run is not None:
+                payload.copy_(cache[run : run + n])  # one contiguous copy
+            else:
+                torch.index_select(cache, 0, ids.to(cache.device), out=payload)  # whole-block rows
+        header = Header(KV, transfer_id, layer, start, n * bs, payload.numel(), payload.dtype, block_size=bs)
+        self._queue_payload(header, payload, buf)
+
+    def _queue_payload(self, header: Header, payload: torch.Tensor, buf: torch.Tensor | None) -> None:
         ready = None
         if payload.is_cuda:  # the sender thread waits for this copy only, not for the rest of the step
             ready = torch.cuda.Event()
             ready.record()
-        msg = _Msg(Header(KV, transfer_id, layer, start, count, payload.numel(), payload.dtype), payload, ready, buf)
-        if not self._put(msg):
+        if not self._put(_Msg(header, payload, ready, buf)):
             self._recycle(buf)
 
     def finish(self, transfer_id: int) -> Future:

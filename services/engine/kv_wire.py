@@ -2,10 +2,15 @@
 into a paged cache.
 
 Every message is one int64 header of HEADER_LEN values, then (for KV messages) one payload of
-`numel` elements of `dtype`: the KV of tokens `start .. start+count-1` of one layer, token-major
-(`[count, 2, Hkv, D]` for GQA, `[count, latent_dim]` for MLA). Token granularity (not whole blocks)
-lets the two sides use different block ids and even different block sizes, and lets chunked prefill
-send exactly the tokens it just computed.
+`numel` elements of `dtype`: the KV of tokens `start .. start+count-1` of one layer, in one of two
+layouts, named by the header's `block_size`:
+- 0: token-major (`[count, 2, Hkv, D]` for GQA, `[count, latent_dim]` for MLA), for tokens that do
+  not fill whole blocks (the head and tail of a chunk);
+- bs > 0: `count / bs` whole blocks as the sender's paged cache lays them out (`[n, 2, bs, Hkv, D]`
+  or `[n, bs, latent_dim]`), `start` a multiple of bs. A block is contiguous in the cache, so runs of
+  consecutive blocks are sent from and received into the caches without gathering token rows; when the
+  receiver's blocks are not consecutive, or its block size differs, it converts.
+Token positions (not block ids) on the wire let the two sides use different block ids and block sizes.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-HEADER_LEN = 8
+HEADER_LEN = 9
 MAGIC = 0x4B56  # "KV": a desynchronised stream shows up as a bad header, not as silent garbage
 
 # Message kinds.
@@ -45,10 +50,12 @@ class Header:
     count: int = 0
     numel: int = 0
     dtype: torch.dtype = torch.uint8
+    block_size: int = 0  # 0: token-major payload; > 0: whole blocks of this many tokens
 
     def encode(self) -> torch.Tensor:
         code = dtype_code(self.dtype)
-        vals = [MAGIC, self.kind, self.transfer_id, self.layer, self.start, self.count, self.numel, code]
+        vals = [MAGIC, self.kind, self.transfer_id, self.layer, self.start, self.count, self.numel, code,
+                self.block_size]
         return torch.tensor(vals, dtype=torch.int64)
 
     @property
@@ -57,10 +64,11 @@ class Header:
 
     @staticmethod
     def decode(buf: torch.Tensor) -> "Header":
-        magic, kind, tid, layer, start, count, numel, code = buf.tolist()
-        if magic != MAGIC or not 0 <= code < len(_DTYPES) or min(tid, layer, start, count, numel) < 0:
+        magic, kind, tid, layer, start, count, numel, code, bs = buf.tolist()
+        if (magic != MAGIC or not 0 <= code < len(_DTYPES) or min(tid, layer, start, count, numel, bs) < 0
+                or (bs and (start % bs or count % bs))):
             raise ValueError(f"corrupt KV link header {buf.tolist()}")
-        return Header(kind, tid, layer, start, count, numel, _DTYPES[code])
+        return Header(kind, tid, layer, start, count, numel, _DTYPES[code], bs)
 
 
 def block_size_of(cache: torch.Tensor) -> int:
@@ -117,3 +125,29 @@ def gather_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
 def scatter_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor, values: torch.Tensor) -> None:
     table, rows = _rows(cache, blk, off)
     table.index_copy_(0, rows, values.reshape(rows.numel(), table.shape[1]))
+
+
+def split_at_blocks(start: int, count: int, block_size: int) -> list[tuple[int, int, bool]]:
+    """Tokens start..start+count-1 as (start, count, whole_blocks) pieces: the head up to the first block
+    boundary and the tail after the last one go token-major, the whole blocks between them as blocks."""
+    head = min(count, -start % block_size)
+    full = (count - head) // block_size * block_size
+    pieces = [(start, head, False), (start + head, full, True), (start + head + full, count - head - full, False)]
+    return [p for p in pieces if p[1] > 0]
+
+
+def consecutive_start(ids: torch.Tensor) -> int | None:
+    """ids[0] when ids is a run of consecutive block ids (one contiguous region of the cache), else None."""
+    first = int(ids[0])
+    if ids.numel() == 1 or bool((ids == torch.arange(first, first + ids.numel(), dtype=ids.dtype)).all()):
+        return first
+    return None
+
+
+def blocks_as_tokens(payload: torch.Tensor, token_shape_: tuple[int, ...], block_size: int) -> torch.Tensor:
+    """A whole-blocks payload (flat, in the sender's block layout) as token-major `[n * bs, *token_shape]`."""
+    if len(token_shape_) == 3:  # GQA block [2, bs, Hkv, D] -> tokens [bs, 2, Hkv, D]
+        two, hkv, d = token_shape_
+        blocks = payload.view(-1, two, block_size, hkv, d)
+        return blocks.permute(0, 2, 1, 3, 4).reshape(-1, two, hkv, d)
+    return payload.view(-1, *token_shape_)

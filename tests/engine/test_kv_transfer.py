@@ -61,6 +61,7 @@ class Plan:
     p_blocks: tuple[int, ...]
     d_blocks: tuple[int, ...]
     p_cancel: bool = False  # P cancels after the first step
+    zero_copy: bool = False  # P sends whole blocks straight from its cache (copy=False) and keeps them intact
 
     @property
     def num_tokens(self) -> int:
@@ -99,8 +100,9 @@ def _run_plans(client: KVLinkClient, address, layout: Layout, seed: int, plans: 
         for layer, cache in enumerate(caches):
             for p in plans:
                 if step < len(p.chunks):  # after a cancel these calls must be ignored
-                    tx.send_layer(p.tid, layer, cache, p.p_blocks, done[p.tid], p.chunks[step])
-                    _overwrite(cache, p.p_blocks, done[p.tid], p.chunks[step])
+                    tx.send_layer(p.tid, layer, cache, p.p_blocks, done[p.tid], p.chunks[step], copy=not p.zero_copy)
+                    if not p.zero_copy:  # the data was copied out: P may reuse the slots at once
+                        _overwrite(cache, p.p_blocks, done[p.tid], p.chunks[step])
         for p in plans:
             done[p.tid] += p.chunks[step] if step < len(p.chunks) else 0
             if p.p_cancel and step == 0:
@@ -271,6 +273,48 @@ def test_chunked_interleaved_transfers_gqa_mla_and_cancel():
         for peer in ("p-gqa", "p-mla"):
             assert _wait_for(lambda: server.links()[peer].broken)
             assert "closed by the prefill side" in str(server.links()[peer].error)
+    finally:
+        proc.kill()
+        server.close()
+
+
+@pytest.mark.parametrize("layout", [GQA, MLA], ids=["gqa", "mla"])
+def test_whole_blocks_land_in_place_or_convert(layout):
+    """Whole blocks on the wire: into consecutive D blocks of the same size they are received in place,
+    into scattered ones copied block by block, into D blocks of another size converted to tokens; P sends
+    them from its cache (copy=False) or from a copy. Chunks start mid-block, so heads and tails go as tokens."""
+    server = KVLinkServer("127.0.0.1", 0, timeout_s=10.0)
+    proc, conn = _start_p()
+    try:
+        rx = server.receiver("p")
+        bs = layout.block_size
+        bigger = Layout(layout.kind, block_size=2 * bs, num_blocks=layout.num_blocks)
+        chunks = (3 * bs + 1, 2 * bs + 3, bs)  # 3 whole blocks + 1; a head, a block, a tail; one block
+        n_p = -(-sum(chunks) // bs)
+        cases = [  # (D layout, D blocks, P blocks, zero copy)
+            (layout, tuple(range(10, 10 + n_p)), tuple(range(20, 20 + n_p)), True),  # in place, from P's cache
+            (layout, tuple(range(30, 30 + n_p))[::-1], tuple(range(0, n_p)), False),  # scattered D blocks
+            (bigger, tuple(range(2, 2 + -(-sum(chunks) // (2 * bs)))), tuple(range(20, 20 + n_p)), True),
+        ]
+        for i, (d_layout, d_blocks, p_blocks, zero_copy) in enumerate(cases):
+            in_place = rx.bytes_in_place
+            d_caches = d_layout.caches(None)
+            plan = Plan(rx.new_transfer_id(), 0, chunks, p_blocks, d_blocks, zero_copy=zero_copy)
+            h = rx.expect(plan.tid, d_caches, list(d_blocks), plan.num_tokens, layout.num_layers)
+            conn.send(("run", "p", rx.address, layout, 5, [plan], False))
+            results, _, _, _ = conn.recv()
+            assert h.wait(10) == results[plan.tid] == layout.num_layers * plan.num_tokens * layout.token_bytes()
+            _check_equal(layout, 5, d_caches, plan)
+            _zero_outside(d_layout, d_caches, [plan])
+            starts = [sum(chunks[:j]) for j in range(len(chunks))]  # blocks lying wholly inside one chunk:
+            n_whole = sum(1 for s0, c in zip(starts, chunks) for k in range(n_p) if s0 <= k * bs and (k + 1) * bs <= s0 + c)
+            whole = layout.num_layers * n_whole * bs * layout.token_bytes()
+            # Scattered D blocks: only single-block messages land in place; another block size: none.
+            landed = rx.bytes_in_place - in_place
+            assert landed == whole if i == 0 else (landed < whole if i == 1 else landed == 0)
+        assert not rx.broken and rx.bytes_dropped == 0
+        conn.send(("exit",))
+        proc.join(10)
     finally:
         proc.kill()
         server.close()

@@ -1,0 +1,154 @@
+"""Host time per decode step: everything the engine does outside the model forward (scheduling, step
+metadata, sampling, output processing), at 1 / 64 / 256 running sequences with 1k and 8k-token contexts.
+
+    .venv/bin/python benchmarks/host_step_bench.py --out benchmarks/results/cpu/host_step_after.json
+
+How the model is stubbed: the engine is built from the built-in tiny model's config (1 layer, 1 KV head
+of 8 dims so 256 x 8k tokens of paged cache fit in ~140 MB) and a `LoadedModel` whose module is
+`StubModel` below. `StubModel.forward(input_ids, positions, ctx)` returns zeros [T, hidden] and
+`compute_logits(rows)` returns one fixed logits row (a non-EOS token wins greedy sampling) repeated; both
+record the seconds spent inside them. Its attention backend `NoAttention` plans nothing (prepare() is a
+no-op), so attention planning, which is the backend's business, is not counted. Everything else (LLMEngine.add_request / step, the scheduler, the
+block pool with prefix caching, ModelRunner.execute building its ForwardContext, the sampler) is the
+real code. Host time of a step = wall time of `LLMEngine.step()` minus the time inside the stub.
+
+Each row: add N requests whose prompts are `ctx` distinct random tokens (no prefix hits between them),
+step until every request has its first token (prefill, not timed), then time `--iters` decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from bench_common import environment, print_table, write_json
+from torch import nn
+
+from glmserve.engine.attention.backend import AttentionBackend
+from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from glmserve.engine.engine import LLMEngine
+from glmserve.engine.llm import resolve_model
+from glmserve.engine.loader import LoadedModel, read_model_config
+from glmserve.engine.sampling_params import SamplingParams
+
+
+class NoAttention(AttentionBackend):
+    """The stub's backend: prepare() (per-step planning) is a no-op, as a GPU backend's would be cheap;
+    the stub never calls attention."""
+
+    name = "none"
+
+    def gqa(self, *args):
+        raise AssertionError("the stub model does no attention")
+
+    mla = gqa
+
+
+class StubModel(nn.Module):
+    """Stands in for the GLM model: fixed outputs, and a clock of the time spent in it."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, winner: int):
+        super().__init__()
+        self.backend = NoAttention()
+        self.hidden_size = hidden_size
+        self.logits = torch.zeros(vocab_size)
+        self.logits[winner] = 1.0
+        self.seconds = 0.0
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = torch.zeros(input_ids.shape[0], self.hidden_size)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def compute_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.logits.expand(rows.shape[0], -1)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def build_engine(num_seqs: int, ctx_len: int, extra_tokens: int) -> tuple[LLMEngine, StubModel]:
+    model_dir = resolve_model(None)
+    block_size = CacheConfig().block_size
+    max_len = ctx_len + extra_tokens + block_size
+    cfg = read_model_config(model_dir).replace(num_hidden_layers=1, num_key_value_heads=1, head_dim=8,
+                                                max_position_embeddings=max_len)
+    winner = next(t for t in range(cfg.vocab_size) if t not in cfg.eos_token_ids)
+    stub = StubModel(cfg.hidden_size, cfg.vocab_size, winner)
+    blocks = num_seqs * -(-max_len // block_size) + 16
+    engine_cfg = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", enable_cuda_graph=False,
+                              cache=CacheConfig(num_blocks=blocks),
+                              scheduler=SchedulerConfig(max_num_seqs=max(num_seqs, 1), max_model_len=max_len),
+                              show_progress=False)
+    loaded = LoadedModel(model=stub, config=cfg, model_dir=model_dir, dtype=torch.float32,
+                         device=torch.device("cpu"))
+    return LLMEngine(engine_cfg, loaded), stub
+
+
+def measure(num_seqs: int, ctx_len: int, warmup: int, iters: int, seed: int) -> dict:
+    # Early requests decode while later ones prefill: room for those steps too, so none finishes early.
+    prefill_steps = -(-num_seqs * ctx_len // SchedulerConfig().max_num_batched_tokens) + 2
+    max_tokens = prefill_steps + warmup + iters + 4
+    engine, stub = build_engine(num_seqs, ctx_len, max_tokens)
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(num_seqs):
+        engine.add_request(f"r{i}", [rng.randrange(vocab) for _ in range(ctx_len)], params)
+    started = set()
+    t0 = time.perf_counter()
+    while len(started) < num_seqs:  # prefill (untimed): every request gets its first token
+        started.update(o.request_id for o in engine.step())
+    prefill_s = time.perf_counter() - t0
+    host_ms, total_ms = [], []
+    for i in range(warmup + iters):
+        stub.seconds = 0.0
+        t0 = time.perf_counter()
+        out = engine.step()
+        wall = time.perf_counter() - t0
+        if len(out) != num_seqs:
+            raise RuntimeError(f"decode step produced {len(out)} outputs for {num_seqs} sequences")
+        if i >= warmup:
+            host_ms.append((wall - stub.seconds) * 1e3)
+            total_ms.append(wall * 1e3)
+    return {"num_seqs": num_seqs, "context": ctx_len, "host_ms_median": statistics.median(host_ms),
+            "host_ms_min": min(host_ms), "host_ms_mean": statistics.fmean(host_ms),
+            "step_ms_median": statistics.median(total_ms), "prefill_s": prefill_s, "host_ms_runs": host_ms}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", default="1,64,256", help="running sequences per row (comma list)")
+    p.add_argument("--contexts", default="1024,8192", help="context lengths in tokens (comma list)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="", help="free text saved in the JSON (e.g. before / after)")
+    p.add_argument("--out", default="benchmarks/results/cpu/host_step.json")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for ctx_len in [int(x) for x in args.contexts.split(",")]:
+        for n in [int(x) for x in args.seqs.split(",")]:
+            rows.append(measure(n, ctx_len, args.warmup, args.iters, args.seed))
+            print(f"  done: {n} seqs x {ctx_len} tokens", flush=True)
+    by_key = {(r["num_seqs"], r["context"]): r["host_ms_median"] for r in rows}
+    for r in rows:
+        base = by_key.get((r["num_seqs"], min(c for (n, c) in by_key if n == r["num_seqs"])))
+        r["x_vs_shortest_context"] = r["host_ms_median"] / base if base else None
+    print_table("host time per decode step (stub model; ms outside the forward)", rows,
+                [("num_seqs", "seqs", "d"), ("context", "context", "d"), ("host_ms_median", "host ms", ".3f"),
+                 ("host_ms_min", "min ms", ".3f"), ("x_vs_shortest_context", "x vs 1k", ".2f"),
+                 ("step_ms_median", "step ms", ".3f")])
+    write_json(args.out, {"environment": environment(torch.device("cpu")), "arguments": vars(args),
+                          "targets": {"flat_in_context": "8k within 1.2x of 1k", "ms_at_256_seqs": 2.0},
+                          "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
