@@ -48,3 +48,28 @@ def test_greedy_tokens_with_mtp_equal_the_offline_engine_without_it(served, stre
     else:
         text = client.completions.create(**kw).choices[0].text
     assert text == want.text and text
+
+
+def test_spec_decode_counters_are_exported(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, model, _ = served
+    client.completions.create(model=model, prompt=list(range(60, 70)), max_tokens=8, temperature=0,
+                              extra_body={"ignore_eos": True})
+    base = str(client.base_url).removesuffix("/v1/").removesuffix("/v1")
+    import urllib.request
+
+    deadline = time.monotonic() + 10
+    while True:  # the exporter refreshes at most every 50 ms: poll briefly for the final step's counts
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        samples = {(s.name, s.labels.get("position")): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        if samples.get(("glmserve:spec_decode_num_draft_tokens_total", None), 0) > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    drafts = samples[("glmserve:spec_decode_num_drafts_total", None)]
+    draft_tokens = samples[("glmserve:spec_decode_num_draft_tokens_total", None)]
+    accepted = samples[("glmserve:spec_decode_num_accepted_tokens_total", None)]
+    # k = 3 drafts per verify step, fewer only near max_tokens; random weights accept few.
+    assert drafts > 0 and drafts <= draft_tokens <= 3 * drafts
+    assert 0 <= accepted <= draft_tokens
