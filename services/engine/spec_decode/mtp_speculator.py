@@ -14,7 +14,9 @@ Draft layout (vLLM's for GLM/DeepSeek MTP): the MTP layer's input at position i 
 with the target's hidden state at i; its output there predicts the token at i + 2. After each forward,
 the MTP layer runs over every position whose target hidden state is now final (this writes its own KV
 layer, `num_hidden_layers`), then k - 1 more one-token steps chain its own hidden state and argmax.
-Only greedy requests draft for now; sampled ones decode one token per step through the same path.
+Greedy requests draft the MTP argmax and accept the longest matching prefix; sampled requests draft from
+the MTP layer's processed distribution and accept by rejection sampling (rejection.py), so their tokens
+follow the target's distribution exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import torch
 
 from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.request import Request, RequestStatus
+from glmserve.engine.sampler import SamplingRow
 from glmserve.engine.scheduler import ScheduledChunk
+from glmserve.engine.spec_decode.rejection import accept_or_resample, draw, processed_probs
 
 
 class _Shifted:
@@ -93,15 +97,16 @@ class MTPSpeculator:
         self.k = num_speculative_tokens
         self.mtp = engine.loaded.model.mtp
         self.drafts: dict[str, list[int]] = {}
+        # Sampled requests: the distribution each draft was drawn from, [num drafts, V] (rejection sampling).
+        self.draft_probs: dict[str, torch.Tensor] = {}
         self.stats = SpecDecodeStats()
 
     def num_drafts_for(self, req: Request) -> int:
-        """How many drafts a request may verify next step: none for sampled requests, and never past
-        max_tokens or the context (so no draft position exceeds the model's length)."""
-        if not req.params.greedy:
-            return 0
+        """How many drafts a request may verify next step: none under a grammar (it constrains each token
+        given the previous one), and never past max_tokens or the context (so no draft position exceeds the
+        model's length)."""
         if req.request_id in self.engine.structured.grammars:
-            return 0  # a grammar constrains each token given the previous one: no drafts (yet) for those
+            return 0
         n = min(self.k, self.engine.max_model_len - req.num_tokens - 1)
         if req.params.max_tokens is not None:
             n = min(n, req.params.max_tokens - req.num_output_tokens - 1)
@@ -119,6 +124,7 @@ class MTPSpeculator:
                 req.token_ids += d[:n]
                 drafted[req.request_id] = (req, d[:n])
         self.drafts.clear()
+        draft_probs, self.draft_probs = self.draft_probs, {}
         try:
             plan = eng.scheduler.schedule()
             if not plan.is_empty():
@@ -136,11 +142,12 @@ class MTPSpeculator:
             return outputs
         eng.runner.backend.prepare(ctx)
         hidden = eng.loaded.model(input_ids, ctx.positions, ctx)
-        outputs += self._verify_and_draft(plan.chunks, hidden, drafted)
+        outputs += self._verify_and_draft(plan.chunks, hidden, drafted, draft_probs)
         return outputs
 
     def _verify_and_draft(self, chunks: list[ScheduledChunk], hidden: torch.Tensor,
-                          drafted: dict[str, tuple[Request, list[int]]]) -> list[EngineOutput]:
+                          drafted: dict[str, tuple[Request, list[int]]],
+                          draft_probs: dict[str, torch.Tensor]) -> list[EngineOutput]:
         eng = self.engine
         # Per chunk: (request, first position, hidden offset, rows to verify or 0 when it does not sample).
         verify: list[tuple[Request, int, int, list[int]]] = []
@@ -176,10 +183,19 @@ class MTPSpeculator:
         active = list(range(len(verify)))
         i = 0
         while active:
-            rows = [eng._sampling_row(verify[v][0]) for v in active]
-            picked = eng.sampler(logits[torch.tensor([base[v] + i for v in active])], rows)
+            # Sampled requests with a draft here go through rejection sampling; the rest through the sampler.
+            rejecting = [v for v in active if not verify[v][0].params.greedy and i < len(verify[v][3])]
+            plain = [v for v in active if v not in rejecting]
+            picked = {}
+            if plain:
+                rows = [eng._sampling_row(verify[v][0]) for v in plain]
+                picked.update(zip(plain, eng.sampler(logits[torch.tensor([base[v] + i for v in plain])], rows)))
+            for v in rejecting:
+                picked[v] = self._rejection_step(logits[base[v] + i], verify[v][0], verify[v][3][i],
+                                                 draft_probs[verify[v][0].request_id][i])
             still = []
-            for v, tok in zip(active, picked):
+            for v in active:
+                tok = picked[v]
                 req, _, _, d = verify[v]
                 req.append_token(tok)
                 eng.structured.accept(req.request_id, tok.token_id)
@@ -216,6 +232,30 @@ class MTPSpeculator:
         self._draft(mtp_jobs, hidden)
         return outputs
 
+    def _rejection_step(self, logits: torch.Tensor, req: Request, draft: int, q: torch.Tensor):
+        """The target's token at a draft position of a sampled request, with the target's logprobs."""
+        eng = self.engine
+        row = eng._sampling_row(req)
+        p = processed_probs(eng.sampler, logits[None], [row])[0]
+        token, _ = accept_or_resample(p, q.to(p.device), draft, req.generator)
+        return eng.sampler._package(logits[None].float(), [row], torch.tensor([token], device=logits.device))[0]
+
+    def _pick_drafts(self, logits: torch.Tensor, reqs: list[Request], drafts: list[list[int]],
+                     probs: list[list[torch.Tensor]]) -> list[int]:
+        """Next draft of each request: the argmax for greedy ones; for sampled ones a draw from the MTP
+        distribution processed like the target's (penalties see the drafts so far), kept for verification."""
+        out = logits.argmax(dim=-1).tolist()
+        for j, r in enumerate(reqs):
+            if r.params.greedy:
+                continue
+            history = r.token_ids + drafts[j]
+            row = SamplingRow(r.params, history, r.num_prompt_tokens, r.generator,
+                              frozenset() if r.params.ignore_eos else r.eos_token_ids)
+            q = processed_probs(self.engine.sampler, logits[j : j + 1], [row])[0]
+            out[j] = draw(q, r.generator)
+            probs[j].append(q)
+        return out
+
     # -- drafting ---------------------------------------------------------------------------------
     def _mtp_pass(self, chunks: list[_Chunk], prev_hidden: torch.Tensor) -> torch.Tensor:
         runner = self.engine.runner
@@ -226,7 +266,7 @@ class MTPSpeculator:
     def _draft(self, jobs: list[tuple[Request, int, int, int, bool]], hidden: torch.Tensor) -> None:
         """Run the MTP layer over each job's newly final positions, then chain it for the next drafts.
         Sampled requests never draft, so they skip it."""
-        jobs = [j for j in jobs if j[3] > 0 and j[0].status is RequestStatus.RUNNING and j[0].params.greedy]
+        jobs = [j for j in jobs if j[3] > 0 and j[0].status is RequestStatus.RUNNING]
         if not jobs:
             return
         chunks = [_Chunk(_View(r.request_id, _Shifted(r.token_ids, 1), s, r.block_ids), n) for r, s, _, n, _ in jobs]
@@ -243,8 +283,10 @@ class MTPSpeculator:
         if not want:
             return
         h = mtp_hidden[torch.tensor(last_rows, device=hidden.device)]
-        tok = self.mtp.compute_logits(h).argmax(dim=-1)
-        drafts = [[t] for t in tok.tolist()]
+        drafts: list[list[int]] = [[] for _ in want]
+        probs: list[list[torch.Tensor]] = [[] for _ in want]
+        for j, t in enumerate(self._pick_drafts(self.mtp.compute_logits(h), [r for r, _ in want], drafts, probs)):
+            drafts[j].append(t)
         for step in range(1, max(k for _, k in want)):
             live = [j for j, (_, k) in enumerate(want) if k > step]
             chunks = []
@@ -254,12 +296,15 @@ class MTPSpeculator:
                 chunks.append(_Chunk(_View(r.request_id, _Shifted([drafts[j][-1]], -pos), pos, r.block_ids), 1))
             sel = torch.tensor(live, device=hidden.device)
             h = self._mtp_pass(chunks, h[sel])
-            tok = self.mtp.compute_logits(h).argmax(dim=-1).tolist()
+            tok = self._pick_drafts(self.mtp.compute_logits(h), [want[j][0] for j in live],
+                                    [drafts[j] for j in live], [probs[j] for j in live])
             for j, t in zip(live, tok):
                 drafts[j].append(t)
             # keep h aligned with `want` for the next step's selection
             full = torch.zeros(len(want), h.shape[-1], dtype=h.dtype, device=h.device)
             full[sel] = h
             h = full
-        for (r, _), d in zip(want, drafts):
+        for (r, _), d, q in zip(want, drafts, probs):
             self.drafts[r.request_id] = d
+            if q:
+                self.draft_probs[r.request_id] = torch.stack(q)
