@@ -172,7 +172,8 @@ class MTPSpeculator:
             b += len(d) + 1
         if verify:  # grammars: requests under one never draft, so only their first row needs the mask
             rids = [r.request_id for r, _, _, _ in verify]
-            masks = eng.structured.begin_masks(rids)
+            with torch.inference_mode(False):  # the bitmask is filled on a helper thread, outside this mode
+                masks = eng.structured.begin_masks(rids)
             if masks is not None:
                 first = torch.tensor(base, device=logits.device)
                 rows0 = logits[first]
