@@ -65,7 +65,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from glmserve.single_process.main import run_single_process
 
-    return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir()),
+    return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir(), single_process=True),
                               metrics_compat=args.metrics_compat)
 
 

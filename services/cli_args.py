@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from glmserve.engine.spec_decode.config import MAX_SPECULATIVE_TOKENS
 from glmserve.router.config import RouterConfig
 from glmserve.worker.config import WorkerConfig
 
@@ -97,14 +98,18 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
                    help="CPU threads for torch (default: torch's); `glmserve up` splits the cores among workers")
 
 
-def check_engine_args(args: argparse.Namespace) -> None:
-    """Refuse, in one line, engine flags that are accepted by the parser but not implemented yet."""
+def check_engine_args(args: argparse.Namespace, single_process: bool = False) -> None:
+    """Refuse, in one line, engine flags that are accepted by the parser but not implemented yet.
+    single_process: `glmserve serve`, where MTP speculative decoding works (not yet across the split)."""
     if args.tensor_parallel_size != 1:
         raise SystemExit("--tensor-parallel-size > 1 is not supported yet")
-    if args.speculative_algorithm != "none":
-        raise SystemExit("--speculative-algorithm mtp is not supported yet")
-    if args.speculative_num_steps != ENGINE_DEFAULTS["speculative_num_steps"]:
+    if args.speculative_algorithm != "none" and not single_process:
+        raise SystemExit("--speculative-algorithm mtp is not supported yet across the prefill/decode split "
+                         "(it works with `glmserve serve`)")
+    if args.speculative_algorithm == "none" and args.speculative_num_steps != ENGINE_DEFAULTS["speculative_num_steps"]:
         raise SystemExit("--speculative-num-steps needs --speculative-algorithm mtp")
+    if not 1 <= args.speculative_num_steps <= MAX_SPECULATIVE_TOKENS:
+        raise SystemExit(f"--speculative-num-steps must be in 1..{MAX_SPECULATIVE_TOKENS}")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -127,8 +132,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
-    check_engine_args(args)
+def engine_config(args: argparse.Namespace, cache_dir: Path, single_process: bool = False) -> EngineConfig:
+    check_engine_args(args, single_process)
     if args.torch_threads:
         import torch
 

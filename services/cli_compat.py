@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from glmserve.engine.spec_decode.config import parse_speculative_config
+
 # Their flag -> ours (same meaning, same value).
 ALIASES: dict[str, str] = {
     # LightLLM
@@ -54,10 +56,6 @@ NOTES: dict[str, str] = {
 
 # Refused: (why, our nearest equivalent).
 UNSUPPORTED: dict[str, str] = {
-    "--mtp_step": "speculative decoding (MTP) is not available yet; drop --mtp_step/--mtp_mode/--mtp_draft_model_dir",
-    "--mtp_mode": "speculative decoding (MTP) is not available yet; drop --mtp_step/--mtp_mode/--mtp_draft_model_dir",
-    "--mtp_draft_model_dir": "speculative decoding (MTP) is not available yet; drop --mtp_step/--mtp_mode/"
-                             "--mtp_draft_model_dir",
     "--quantization": "quantization is read from the checkpoint's config.json (FP8 compressed-tensors); "
                       "drop --quantization",
     "--pipeline-parallel-size": "pipeline parallelism is not built; use `glmserve up --decode N` to add replicas",
@@ -71,14 +69,36 @@ class Translated:
     error: str | None = None
 
 
-def _speculative(value: str) -> str:
+def _model_of(out: list[str]) -> str | None:
+    return out[out.index("--model") + 1] if "--model" in out[:-1] else None
+
+
+def _same_model(draft: str, out: list[str], flag: str) -> str | None:
+    """MTP drafts come from the served checkpoint's own layer: a draft model elsewhere is refused."""
+    model = _model_of(out)
+    if model is not None and draft.rstrip("/") != model.rstrip("/"):
+        return (f"{flag}: the MTP draft layer is read from --model's checkpoint; a separate draft model "
+                f"({draft}) is not supported")
+    return None
+
+
+def _speculative(value: str, out: list[str]) -> str | None:
+    """vLLM's --speculative-config JSON -> --speculative-algorithm mtp --speculative-num-steps K."""
     try:
         cfg = json.loads(value)
     except json.JSONDecodeError as exc:
         return f"--speculative-config is not valid JSON ({exc.msg})"
-    method = cfg.get("method", "?") if isinstance(cfg, dict) else "?"
-    return (f"--speculative-config (method {method}): speculative decoding is not available yet; "
-            "drop the flag (the MTP weights still load)")
+    if isinstance(cfg, dict) and "model" in cfg:
+        cfg = dict(cfg)
+        error = _same_model(str(cfg.pop("model")), out, "--speculative-config model")
+        if error:
+            return error
+    try:
+        algorithm, steps = parse_speculative_config(cfg)
+    except ValueError as exc:
+        return f"--speculative-config: {exc}"
+    out += ["--speculative-algorithm", algorithm, "--speculative-num-steps", str(steps)]
+    return None
 
 
 def compilation_config(value: str, notes: list[str]) -> tuple[list[str], str | None]:
@@ -143,7 +163,17 @@ def translate(argv: list[str], known: dict[str, bool]) -> Translated:
         elif flag in NOTES:
             res.notes.append(f"{flag}: accepted, no effect: {NOTES[flag]}")
         elif flag == "--speculative-config":
-            res.error = _speculative(value or "")
+            res.error = _speculative(value or "", out)
+        elif flag in ("--mtp_step", "--mtp-step"):  # LightLLM: chained MTP drafts per step
+            steps = int(value) if value and value.lstrip("-").isdigit() else value
+            res.error = _speculative(json.dumps({"method": "mtp", "num_speculative_tokens": steps}), out)
+            if res.error:
+                res.error = f"{flag} {value}: " + res.error.removeprefix("--speculative-config: speculative_config: ")
+        elif flag in ("--mtp_mode", "--mtp-mode"):
+            if value != "eagle_with_att":
+                res.error = f"{flag} {value}: glmserve chains the checkpoint's MTP layer (eagle_with_att) only"
+        elif flag in ("--mtp_draft_model_dir", "--mtp-draft-model-dir"):
+            res.error = _same_model(value or "", out, flag)
         elif flag == "--compilation-config":
             mapped, res.error = compilation_config(value or "", res.notes)
             out += mapped

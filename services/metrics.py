@@ -35,6 +35,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "prompt_tokens": ("counter", "Prompt tokens processed.", ()),
     "generation_tokens": ("counter", "Tokens generated.", ()),
     "num_preemptions": ("counter", "Requests preempted for lack of KV blocks.", ()),
+    # MTP speculative decoding (vLLM's spec_decode_* meaning)
+    "spec_decode_num_drafts": ("counter", "Verify steps that checked at least one draft token.", ()),
+    "spec_decode_num_draft_tokens": ("counter", "Draft tokens proposed and verified.", ()),
+    "spec_decode_num_accepted_tokens": ("counter", "Draft tokens accepted.", ()),
+    "spec_decode_num_accepted_tokens_per_pos": ("counter", "Draft tokens accepted at each draft position.",
+                                                ("position",)),
     # KV transfer, per (prefill, decode) link
     "kv_transfer_bytes": ("counter", "KV cache bytes moved over a link.", ("link", "direction")),
     "kv_transfer_latency_seconds": ("histogram", "Time to move one request's KV over a link.", ("link",)),

@@ -26,6 +26,10 @@ VLLM_NAMES: dict[str, tuple[str, str]] = {
     "vllm:num_preemptions": ("num_preemptions", "counter"),
     "vllm:prefix_cache_queries": ("prefix_cache_queries", "counter"),
     "vllm:prefix_cache_hits": ("prefix_cache_hits", "counter"),
+    # MTP speculative decoding (0 while it is off)
+    "vllm:spec_decode_num_drafts": ("spec_decode_num_drafts", "counter"),
+    "vllm:spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "counter"),
+    "vllm:spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "counter"),
 }
 CACHE_CONFIG_INFO = "vllm:cache_config_info"
 

@@ -23,6 +23,7 @@ from glmserve.engine.sampler import SampledToken, Sampler, SamplingRow
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
 from glmserve.engine.structured_output.manager import StructuredOutputManager
+from glmserve.engine.spec_decode.mtp_speculator import MTPSpeculator
 
 
 class RequestError(ValueError):
@@ -47,13 +48,21 @@ class LLMEngine:
         self.device = torch.device(loaded.device)
         limit = cfg.scheduler.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(limit, loaded.config.max_position_embeddings)
+        spec_k = cfg.speculative_num_steps if cfg.with_mtp else 0
+        if cfg.with_mtp and getattr(loaded.model, "mtp", None) is None:
+            raise ValueError(f"speculative decoding with MTP needs the checkpoint's MTP layer; {cfg.model} has no "
+                             "MTP weights (num_nextn_predict_layers = 0 or no mtp tensors)")
         self.runner = ModelRunner(loaded.model, loaded.config, loaded.model.backend, cfg.cache,
-                                  loaded.dtype, self.device, enable_cuda_graph=cfg.enable_cuda_graph,
+                                  loaded.dtype, self.device, enable_cuda_graph=cfg.enable_cuda_graph and not spec_k,
                                   cuda_graph_max_batch_size=min(cfg.cuda_graph_max_batch_size, cfg.scheduler.max_num_seqs),
                                   max_model_len=self.max_model_len,
-                                  cuda_graph_capture_sizes=cfg.cuda_graph_capture_sizes)
+                                  cuda_graph_capture_sizes=cfg.cuda_graph_capture_sizes,
+                                  extra_kv_layers=1 if spec_k else 0, num_lookahead_tokens=spec_k)
         self.pool = BlockPool(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.pool)
+        self.scheduler.num_lookahead_tokens = spec_k
+        # Speculative decoding (EngineConfig.speculative_algorithm == "mtp") runs its own step.
+        self.speculator = MTPSpeculator(self, spec_k) if spec_k else None
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self.default_eos = frozenset(loaded.config.eos_token_ids)
@@ -128,6 +137,8 @@ class LLMEngine:
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        if self.speculator is not None:
+            return self.speculator.step()
         plan = self.scheduler.schedule()
         outputs = [self._finished_output(r, []) for r in plan.rejected]
         for r in plan.rejected:

@@ -15,6 +15,7 @@ from glmserve.engine.engine import LLMEngine
 from glmserve.engine.model_source import DEFAULT_CACHE_DIR, resolve_model
 from glmserve.engine.outputs import CompletionOutput, EngineOutput, Logprob, RequestOutput
 from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.spec_decode.config import parse_speculative_config
 from glmserve.engine.tokenizer import Tokenizer
 
 @dataclass
@@ -44,7 +45,10 @@ class LLM:
                  max_num_seqs: int = SchedulerConfig.max_num_seqs,
                  chunked_prefill_size: int = SchedulerConfig.chunked_prefill_size,
                  attention_backend: str = EngineConfig.prefill_attention_backend,
-                 show_progress: bool = EngineConfig.show_progress, cache_dir: str | Path | None = None):
+                 show_progress: bool = EngineConfig.show_progress, cache_dir: str | Path | None = None,
+                 speculative_config: dict | None = None):
+        """speculative_config: vLLM's form, {"method": "mtp", "num_speculative_tokens": k} (k = 1..4)."""
+        spec_algorithm, spec_steps = parse_speculative_config(speculative_config)
         model_path = resolve_model(model, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
         cfg = EngineConfig(
             model=model_path, dtype=dtype, device=device, load_format=load_format, seed=seed,
@@ -53,7 +57,7 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       chunked_prefill_size=chunked_prefill_size, max_model_len=max_model_len),
-            show_progress=show_progress,
+            show_progress=show_progress, speculative_algorithm=spec_algorithm, speculative_num_steps=spec_steps,
         )
         self.engine = LLMEngine(cfg)
         model_dir = self.engine.loaded.model_dir

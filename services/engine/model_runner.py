@@ -50,17 +50,21 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig, backend: AttentionBackend,
                  cache_cfg: CacheConfig, dtype: torch.dtype, device: torch.device,
                  enable_cuda_graph: bool = False, cuda_graph_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 max_model_len: int | None = None, cuda_graph_capture_sizes: tuple[int, ...] = ()):
+                 max_model_len: int | None = None, cuda_graph_capture_sizes: tuple[int, ...] = (),
+                 extra_kv_layers: int = 0, num_lookahead_tokens: int = 0):
+        """extra_kv_layers: cache layers past the decoder stack (the MTP draft layer's); num_lookahead_tokens:
+        slots a sequence may hold past the context limit (speculative drafts)."""
         self.model = model
         self.model_cfg = model_cfg
         self.backend = backend
         self.device = device
         self.block_size = cache_cfg.block_size
         self.spec = kv_cache_spec(model_cfg, cache_cfg.block_size)
-        self.num_blocks = plan_num_blocks(self.spec, model_cfg.num_hidden_layers, dtype, device, cache_cfg)
-        self.kv_caches = allocate_kv_caches(self.spec, model_cfg.num_hidden_layers, self.num_blocks, dtype, device)
+        num_kv_layers = model_cfg.num_hidden_layers + extra_kv_layers
+        self.num_blocks = plan_num_blocks(self.spec, num_kv_layers, dtype, device, cache_cfg)
+        self.kv_caches = allocate_kv_caches(self.spec, num_kv_layers, self.num_blocks, dtype, device)
         self.kernels = select_kernels(model, device)  # which kernels were chosen: the benchmarks report it
-        max_len = max_model_len or model_cfg.max_position_embeddings
+        max_len = (max_model_len or model_cfg.max_position_embeddings) + num_lookahead_tokens
         self.inputs = StepInputBuilder(min(self.num_blocks, -(-max_len // self.block_size) + 1), self.block_size, device)
         self.graphs: CudaGraphRunner | None = None
         self.cuda_graph_disabled_reason: str | None = "disabled by configuration"

@@ -68,6 +68,8 @@ class Scheduler:
         self.kv_connector: RemoteKVConnector | None = None
         self._released: list[str] = []
         self.num_preemptions = 0
+        # Extra slots every sequence gets past its scheduled tokens (the drafts of speculative decoding).
+        self.num_lookahead_tokens = 0
         # Seconds each newly admitted request waited; drained by the metrics exporter.
         self.queue_time_samples: list[float] = []
 
@@ -123,7 +125,7 @@ class Scheduler:
 
     # -- scheduling ---------------------------------------------------------------------------
     def _blocks_needed(self, req: Request, num_new: int) -> int:
-        total = -(-(req.num_computed_tokens + num_new) // self.block_size)
+        total = -(-(req.num_computed_tokens + num_new + self.num_lookahead_tokens) // self.block_size)
         return max(0, total - len(req.block_ids))
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:

@@ -49,3 +49,17 @@ class EngineMetrics:
             if delta > 0:
                 self.metrics.get(name).inc(delta)
             self._last_totals[name] = stats[name]
+        if engine.speculator is not None:
+            self._refresh_spec(engine.speculator.stats)
+
+    def _refresh_spec(self, spec) -> None:
+        totals = {("spec_decode_num_drafts", ""): spec.num_drafts,
+                  ("spec_decode_num_draft_tokens", ""): spec.num_draft_tokens,
+                  ("spec_decode_num_accepted_tokens", ""): spec.num_accepted_tokens}
+        for pos, n in enumerate(spec.accepted_per_position):
+            totals[("spec_decode_num_accepted_tokens_per_pos", str(pos))] = n
+        for (name, pos), total in totals.items():
+            delta = total - self._last_totals.get((name, pos), 0)
+            # inc(0) too: a counter shows up (at 0) once speculation runs, even before anything is accepted
+            self.metrics.get(name, **({"position": pos} if pos else {})).inc(max(delta, 0))
+            self._last_totals[(name, pos)] = total

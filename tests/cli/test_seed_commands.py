@@ -22,7 +22,7 @@ def flash_dir(tmp_path_factory):
 
 def _configs(words):
     args = cli._parse(["serve", *words])
-    return args, engine_config(args, cli.cache_dir()), router_config(args, cli.cache_dir())
+    return args, engine_config(args, cli.cache_dir(), single_process=True), router_config(args, cli.cache_dir())
 
 
 def _refused(words, capsys) -> str:
@@ -47,19 +47,31 @@ def test_lightllm_launch_maps_every_flag(flash_dir, capsys):
     assert capsys.readouterr().err == ""  # every flag has a meaning here: no notes
 
 
-def test_lightllm_mtp_launch_is_refused_in_one_line(flash_dir, capsys):
-    last = _refused(substitute(LIGHTLLM_MTP, str(flash_dir)), capsys)
-    assert "speculative decoding (MTP) is not available yet" in last
+def test_lightllm_mtp_launch_turns_on_mtp(flash_dir, capsys):
+    _, eng, _ = _configs(substitute(LIGHTLLM_MTP, str(flash_dir)))
+    assert (eng.speculative_algorithm, eng.speculative_num_steps) == ("mtp", 4)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mtp_step", "2", "--mtp_draft_model_dir", "/elsewhere"], "a separate draft model (/elsewhere) is not supported"),
+    (["--mtp_step", "2", "--mtp_mode", "vanilla_no_att"], "eagle_with_att) only"),
+    (["--speculative-config", '{"method": "eagle3", "num_speculative_tokens": 2}'], "only \"mtp\""),
+    (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 9}'], "num_speculative_tokens must be"),
+    (["--mtp-step", "7"], "--mtp-step 7: num_speculative_tokens must be an integer in 1..4"),
+])
+def test_bad_speculative_settings_fail_in_one_line(flash_dir, capsys, extra, message):
+    assert message in _refused(["--model", str(flash_dir), *extra], capsys)
 
 
 def test_vllm_ascend_launch(flash_dir, capsys):
     literal = substitute(VLLM_ASCEND, str(flash_dir))
-    assert "speculative decoding is not available yet" in _refused(literal, capsys)
-    # Without the speculative config, the 16-way tensor parallelism is what stops it (one device here)...
+    # The 16-way tensor parallelism is what stops it (one device here)...
     with pytest.raises(SystemExit, match="tensor-parallel-size"):
-        _configs(without(literal, "--speculative-config"))
-    # ...and on one device everything else is honoured.
-    args, eng, rc = _configs(with_value(without(literal, "--speculative-config"), "--tensor-parallel-size", "1"))
+        _configs(literal)
+    # ...and on one device everything else is honoured, MTP with one draft token included.
+    args, eng, rc = _configs(with_value(literal, "--tensor-parallel-size", "1"))
+    assert (eng.speculative_algorithm, eng.speculative_num_steps) == ("mtp", 1)
     assert rc.served_model_name == "glm" and eng.seed == 1024
     assert eng.scheduler.max_model_len == 35000 and eng.scheduler.max_num_batched_tokens == 16384
     assert eng.scheduler.max_num_seqs == 16 and eng.cache.gpu_memory_utilization == 0.9
