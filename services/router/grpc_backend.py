@@ -40,6 +40,10 @@ class DisaggregatedBackend(GenerationBackend):
     def healthy(self) -> bool:
         return bool(self.pool.healthy("prefill")) and bool(self.pool.healthy("decode"))
 
+    def capacity_tokens(self) -> int | None:
+        loads = [w.load for w in self.pool.healthy("decode") if w.load and w.load.total_blocks]
+        return sum(x.total_blocks * x.block_size for x in loads) or None
+
     def describe(self) -> dict:
         return self.pool.describe()
 
