@@ -117,10 +117,12 @@ class Status(BaseModel):
     status: str
 
 
-SSE = {"text/event-stream": {"schema": {"type": "string",
-                                        "description": "server-sent events: `data: <JSON chunk>` lines, "
-                                                       "then `data: [DONE]`; a failure after the 200 is an "
-                                                       "`{\"error\": ...}` event before [DONE]"}}}
+# One server-sent event: `data: <JSON chunk>`, the last one `data: [DONE]`; a failure after the 200 is
+# an `{"error": {...}}` event (the ErrorResponse shape) before [DONE].
+SSE = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}},
+                                        "required": ["data"],
+                                        "description": "server-sent event: a JSON chunk, an error object, "
+                                                       "or [DONE]"}}}
 
 # path -> (request model or None, 200 response model, streams too)
 ENDPOINTS: dict[str, tuple[type[BaseModel] | None, type[BaseModel], bool]] = {
