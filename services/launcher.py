@@ -18,6 +18,10 @@ from glmserve.local_ports import free_ports
 from glmserve.supervisor import Supervisor
 
 
+class StartupFailed(RuntimeError):
+    """A process of the deployment did not come up (the reason is in its own output)."""
+
+
 @dataclass(frozen=True)
 class LaunchPlan:
     model: str
@@ -115,16 +119,16 @@ def wait_ready(procs: list[Proc], timeout: float, router_url: str | None = None)
     while pending:
         for p in list(pending):
             if p.popen.poll() is not None:
-                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} while starting")
+                raise StartupFailed(f"{p.name} exited with code {p.popen.returncode} while starting (its error is above)")
             if _ready(p.ready_url):
                 pending.remove(p)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}")
+            raise StartupFailed(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}")
         time.sleep(0.2)
     workers = sum(1 for p in procs if p.grpc_address)
     while router_url is not None and (routable := routable_workers(router_url)) < workers:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the router reaches only {routable} of {workers} workers after {timeout:.0f}s")
+            raise StartupFailed(f"the router reaches only {routable} of {workers} workers after {timeout:.0f}s")
         time.sleep(0.2)
 
 
