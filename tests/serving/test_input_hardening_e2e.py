@@ -183,3 +183,18 @@ def _conformance():
     from schemathesis.specs.openapi import checks
 
     return [checks.response_schema_conformance]
+
+
+def test_bench_defaults_fit_the_servers_context(dep, tmp_path):
+    """`glmserve bench` with its default lengths (1024 + 128 tokens) against this 96-token server."""
+    import argparse
+
+    from glmserve.bench import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--base-url", dep.base_url, "--model", "model", "--num-prompts", "3",
+                              "--disable-tqdm", "--result-file", str(tmp_path / "b.json")])
+    assert cli.run(args) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["completed"] == 3 and result.get("failed", 0) == 0, result
