@@ -4,16 +4,20 @@ GLM-4.7 on a laptop would otherwise grow the process until the kernel kills it (
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch stays out of the CLI's imports (the operator image has none)
+    import torch
 
 
 class ModelTooLarge(ValueError):
     pass
 
 
-def available_bytes(device: torch.device) -> tuple[int, str] | None:
+def available_bytes(device: "torch.device") -> tuple[int, str] | None:
     """(bytes free for weights, what they are) or None when unknown."""
+    import torch
+
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, f"GPU memory free on {device}"
@@ -25,8 +29,8 @@ def available_bytes(device: torch.device) -> tuple[int, str] | None:
     return None
 
 
-def check_fits(name: str, is_preset: bool, num_params: int, bytes_per_param: float, dtype: torch.dtype,
-               device: torch.device) -> None:
+def check_fits(name: str, is_preset: bool, num_params: int, bytes_per_param: float, dtype: "torch.dtype",
+               device: "torch.device") -> None:
     have = available_bytes(device)
     need = num_params * bytes_per_param
     if have is None or need <= have[0]:
