@@ -23,16 +23,3 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ModelTooLarge, StartupFail
 def report(command: str, exc: BaseException) -> int:
     print(f"glmserve {command}: error: {exc}", file=sys.stderr, flush=True)
     return 2
-
-
-def add_default_help(parser: argparse.ArgumentParser) -> None:
-    """Every flag's help ends with its default, in every subcommand (argparse shows none by itself)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                add_default_help(sub)
-        elif action.option_strings and action.default is not argparse.SUPPRESS and action.help is not argparse.SUPPRESS:
-            text = action.help or ""
-            if "%(default)" not in text and "default" not in text:
-                text = f"{text} (default: %(default)s)".strip()
-            action.help = text
