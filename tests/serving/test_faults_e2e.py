@@ -7,11 +7,12 @@ and afterwards no worker holds KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from glmserve.engine.tiny_model import build_tiny_model
-from tests.serving.deployment import Deployment
+from tests.serving.deployment import Deployment, pid_alive
 from tests.serving.fault_load import Load, default_specs, run_fault_sequence, wait_kv_idle
 
 
@@ -39,6 +40,11 @@ def test_worker_faults_under_load_fail_no_request(model_dir):
         # The decode kill hit streams in flight: some requests really were migrated.
         assert "resuming after" in dep.log, report
         assert dep.log.count(" restarted (pid ") == 2, report  # the two killed workers
-    # Ctrl-C after all that: a clean stop, no native "terminate called" noise, no traceback.
+    # Ctrl-C after all that: every process stops (restarted ones included), cleanly: no native
+    # "terminate called" noise, no traceback.
     assert dep.returncode == 0
+    deadline = time.monotonic() + 20
+    while any(pid_alive(pid) for pid, _, _ in dep.processes.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(pid) for pid, _, _ in dep.processes.values())
     assert "terminate called" not in dep.log and "Traceback" not in dep.log, dep.log[-3000:]
