@@ -55,7 +55,7 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
     engine_metrics.refresh(engine)
     lifecycle.state = ServingState.SERVING
     log.info("%s worker serving %s: gRPC %s:%d, HTTP %s:%d", cfg.role, cfg.served_model_name, cfg.host,
-                cfg.grpc_port, cfg.host, cfg.http_port)
+             cfg.grpc_port, cfg.host, cfg.http_port)
     try:
         await lifecycle.stopped.wait()
     finally:
