@@ -12,7 +12,7 @@ import grpc
 
 from glmserve.protos import worker_pb2 as pb
 from glmserve.router.backend import BackendError, GenerationBackend, ModelInfo, TokenDelta
-from glmserve.router.migration import WorkerStalled, next_chunk, nothing_left, resumed_params
+from glmserve.router.migration import WorkerStalled, can_resume, next_chunk, nothing_left, resumed_params
 from glmserve.router.worker_pool import WorkerPool
 from glmserve.worker.convert import FINISH_FROM_PB, params_to_pb, sampled_from_pb
 
@@ -56,6 +56,9 @@ class DisaggregatedBackend(GenerationBackend):
             if attempt:
                 await asyncio.sleep(RETRY_BACKOFF_S * attempt)
             prompt = list(prompt_token_ids) + streamed
+            if streamed and not can_resume(params):
+                raise BackendError(f"{reason}; a request with a grammar or bad_words cannot resume mid-stream",
+                                   retriable=True)
             if streamed and nothing_left(params, len(prompt_token_ids), streamed, self.info.max_model_len):
                 yield TokenDelta([], finished=True, finish_reason="length")
                 return

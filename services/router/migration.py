@@ -28,6 +28,12 @@ def resumed_params(params: SamplingParams, streamed: list[int]) -> SamplingParam
     return p
 
 
+def can_resume(params: SamplingParams) -> bool:
+    """Grammar and bad-words matchers start at the first output token and are not fed earlier output:
+    such a request is retried only before its first token reaches the caller."""
+    return getattr(params, "structured_output", None) is None and not getattr(params, "bad_words_token_ids", None)
+
+
 def nothing_left(params: SamplingParams, prompt_len: int, streamed: list[int], max_model_len: int) -> bool:
     """The tokens already streamed used up max_tokens or the context: the request is done (length)."""
     done = params.resumed_output_tokens + len(streamed)

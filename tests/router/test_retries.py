@@ -188,3 +188,17 @@ def test_without_a_healthy_decode_worker_the_request_fails_after_the_wait():
 
 async def _no_poll():
     return None
+
+
+def test_a_request_with_bad_words_is_not_resumed_mid_stream():
+    """Its matcher would not know the streamed tokens: retried only before the first token."""
+    a, b = _Decode(BROKEN_AFTER_A_TOKEN), _Decode(ANSWER)
+    backend, _ = _backend(a=a, b=b)
+
+    async def run():
+        async for _ in backend.generate("req", [1, 2, 3], SamplingParams(max_tokens=3, bad_words_token_ids=[[5]])):
+            pass
+
+    with pytest.raises(BackendError, match="cannot resume mid-stream"):
+        asyncio.run(run())
+    assert not b.requests
