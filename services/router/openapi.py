@@ -104,13 +104,14 @@ class ModelList(BaseModel):
 
 
 class GenerateResponse(BaseModel):
-    """LightLLM /generate: one entry per choice in each list."""
+    """LightLLM /generate: generated_text is a list; the other fields are scalars for one sequence and
+    lists (one entry per sequence) for n > 1."""
 
     generated_text: list[str]
-    count_output_tokens: int
-    finish_reason: list[str | None]
+    count_output_tokens: int | list[int]
+    finish_reason: str | None | list[str | None]
     prompt_tokens: int
-    tokens: list[dict[str, Any]] | None = None
+    tokens: list[Any] | None = None
 
 
 class Status(BaseModel):

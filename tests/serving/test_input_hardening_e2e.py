@@ -160,7 +160,9 @@ def test_fuzz_openapi_no_5xx_no_hang_openai_errors(dep):
             if status >= 400:
                 counts["4xx"] += 1
                 err = response.json()["error"]
-                assert isinstance(err["message"], str) and err["message"] and "type" in err and "param" in err
+                assert isinstance(err["message"], str) and err["message"] and "type" in err
+                if not op.path.startswith("/v1/messages"):  # Anthropic's error shape has no param
+                    assert "param" in err, (op.path, err)
                 return
             counts["2xx"] += 1
             if "text/event-stream" in response.headers.get("content-type", ""):
