@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from glmserve.cli_errors import USER_ERRORS, OneLineParser, report
 from glmserve.cli_args import (WORKER_DEFAULTS, HelpWithDefaults, add_engine_args, add_router_args, check_engine_args,
                                engine_argv, engine_config, resolve_model_arg, router_config, worker_config)
 from glmserve.worker.config import DEFAULT_PORTS
@@ -95,7 +96,11 @@ def up_plan(args: argparse.Namespace, model: str):
 def _cmd_up(args: argparse.Namespace) -> int:
     from glmserve.launcher import run_up
 
-    return run_up(up_plan(args, resolve_model_arg(args.model, cache_dir())))
+    from glmserve.engine.loader import resolve_source
+
+    model = resolve_model_arg(args.model, cache_dir())
+    resolve_source(model, args.load_format)  # a bad --model is one line here, not one traceback per worker
+    return run_up(up_plan(args, model))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -111,8 +116,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glmserve", description="Serve GLM-4.x models: prefill/decode disaggregated.")
-    p.add_argument("--log-level", default=os.environ.get("GLMSERVE_LOG_LEVEL", "WARNING"))
+    p = OneLineParser(prog="glmserve", description="Serve GLM-4.x models: prefill/decode disaggregated.")
+    p.add_argument("--log-level", default=os.environ.get("GLMSERVE_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO (routine status lines), WARNING (faults only), ERROR (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tiny-model", help="write a tiny random GLM checkpoint (HF format) for tests and demos")
@@ -148,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("router", help="run the HTTP router in front of prefill/decode workers",
                        formatter_class=HelpWithDefaults)
     add_router_args(r)
-    r.add_argument("--prefill", default="", help="comma-separated prefill worker gRPC addresses")
-    r.add_argument("--decode", default="", help="comma-separated decode worker gRPC addresses")
+    # Addresses here; `up` takes counts. The short spellings stay as aliases.
+    r.add_argument("--prefill-addresses", "--prefill", dest="prefill", default="",
+                   help="comma-separated HOST:PORT gRPC addresses of the prefill workers (static discovery)")
+    r.add_argument("--decode-addresses", "--decode", dest="decode", default="",
+                   help="comma-separated HOST:PORT gRPC addresses of the decode workers (static discovery)")
     r.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
     r.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     r.add_argument("--prefill-service", default=None)
@@ -169,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpWithDefaults)
     add_router_args(u)
     add_engine_args(u, with_host=False)
-    u.add_argument("--prefill", type=int, default=1, help="prefill workers to start")
-    u.add_argument("--decode", type=int, default=1, help="decode workers to start")
+    # Counts here; `router` takes addresses. The short spellings stay as aliases.
+    u.add_argument("--num-prefill", "--prefill", dest="prefill", type=int, default=1,
+                   help="how many prefill worker processes to start")
+    u.add_argument("--num-decode", "--decode", dest="decode", type=int, default=1,
+                   help="how many decode worker processes to start")
     u.set_defaults(func=_cmd_up)
 
     b = sub.add_parser("bench", help="online serving benchmark against an OpenAI-compatible server")
@@ -220,7 +232,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        return report(args.command, exc)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""`glmserve up`: a router, prefill and decode workers as separate local processes; Ctrl-C stops all."""
+"""`glmserve up`: a router, prefill and decode workers as separate local processes, supervised like a process
+manager: one that exits is restarted (with backoff) at the same address and rejoins the router's pool;
+only Ctrl-C / SIGTERM / SIGHUP stops the deployment."""
 
 from __future__ import annotations
 
@@ -13,6 +15,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from glmserve.local_ports import free_ports
+from glmserve.supervisor import Supervisor
+
+
+class StartupFailed(RuntimeError):
+    """A process of the deployment did not come up (the reason is in its own output)."""
 
 
 @dataclass(frozen=True)
@@ -33,14 +40,23 @@ class Proc:
     popen: subprocess.Popen
     ready_url: str
     grpc_address: str = ""
+    args: tuple[str, ...] = ()  # the glmserve command line, to restart it the same way
 
     def describe(self) -> str:
         return f"{self.name} pid={self.popen.pid} ready={self.ready_url} grpc={self.grpc_address or '-'}"
 
 
 def _spawn(name: str, args: list[str], ready_url: str, grpc_address: str = "") -> Proc:
-    cmd = [sys.executable, "-m", "glmserve.cli", *args]
-    return Proc(name, subprocess.Popen(cmd, start_new_session=True), ready_url, grpc_address)
+    return Proc(name, _popen(args), ready_url, grpc_address, tuple(args))
+
+
+def _popen(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "glmserve.cli", *args], start_new_session=True)
+
+
+def respawn(p: Proc) -> None:
+    """Start p again with its own command line (same ports, so the router finds it where it was)."""
+    p.popen = _popen(p.args)
 
 
 def _ready(url: str) -> bool:
@@ -103,16 +119,16 @@ def wait_ready(procs: list[Proc], timeout: float, router_url: str | None = None)
     while pending:
         for p in list(pending):
             if p.popen.poll() is not None:
-                raise RuntimeError(f"{p.name} exited with code {p.popen.returncode} while starting")
+                raise StartupFailed(f"{p.name} exited with code {p.popen.returncode} while starting (its error is above)")
             if _ready(p.ready_url):
                 pending.remove(p)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}")
+            raise StartupFailed(f"not ready after {timeout:.0f}s: {', '.join(p.name for p in pending)}")
         time.sleep(0.2)
     workers = sum(1 for p in procs if p.grpc_address)
     while router_url is not None and (routable := routable_workers(router_url)) < workers:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the router reaches only {routable} of {workers} workers after {timeout:.0f}s")
+            raise StartupFailed(f"the router reaches only {routable} of {workers} workers after {timeout:.0f}s")
         time.sleep(0.2)
 
 
@@ -127,12 +143,6 @@ def stop(procs: list[Proc], grace: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(p.popen.pid, signal.SIGKILL)
             p.popen.wait()
-
-
-def serving(procs: list[Proc]) -> bool:
-    """The deployment can still answer: the router and at least one worker of each role are alive."""
-    alive = {p.name.split("-")[0] for p in procs if p.popen.poll() is None}
-    return {"router", "prefill", "decode"} <= alive
 
 
 def _interrupt(*_) -> None:
@@ -152,15 +162,12 @@ def run_up(plan: LaunchPlan) -> int:
         print(f"glmserve is up: OpenAI API at http://{plan.host}:{plan.port}/v1 "
               f"({plan.num_prefill} prefill + {plan.num_decode} decode workers). Ctrl-C stops everything.",
               flush=True)
-        reported: set[str] = set()
-        while serving(procs):
-            for p in procs:
-                if p.popen.poll() is not None and p.name not in reported:
-                    reported.add(p.name)  # the router routes around it; the rest keep serving
-                    print(f"{p.name} exited with code {p.popen.returncode}", file=sys.stderr, flush=True)
-            time.sleep(0.5)
-        print("stopping: the router or every worker of a role is gone", file=sys.stderr)
-        return 1
+        # The router routes around a dead worker (requests wait for one of its role, up to
+        # --worker-wait-timeout) and takes it back once it answers again.
+        supervisor = Supervisor(procs, respawn, log=lambda line: print(line, flush=True), now=time.monotonic())
+        while True:
+            supervisor.check(time.monotonic())
+            time.sleep(0.2)
     except KeyboardInterrupt:
         return 0
     finally:

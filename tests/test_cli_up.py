@@ -91,6 +91,6 @@ def test_flags_not_implemented_yet_are_refused_before_anything_starts(argv, mess
 
 
 def test_up_takes_exactly_serves_flags_plus_worker_counts():
-    assert _options("up") - {"--prefill", "--decode"} == _options("serve")
+    assert _options("up") - {"--prefill", "--decode", "--num-prefill", "--num-decode"} == _options("serve")
     engine = {o for a in _engine_actions() for o in a.option_strings}
     assert engine <= _options("up") and engine <= _options("prefill") and engine <= _options("decode")

@@ -15,6 +15,7 @@ from glmserve.bench.client import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, RequestOu
 from glmserve.bench.datasets import (SampleRequest, TextTokenizer, prefix_repetition_requests, random_requests,
                                      sharegpt_requests)
 from glmserve.bench.driver import drive
+from glmserve.bench.fit import fit_lengths, server_max_model_len
 from glmserve.bench.metrics import compute_metrics
 from glmserve.bench.options import normalize_options
 from glmserve.bench.report import DEFAULT_PERCENTILE_METRICS, build_result, format_report, write_result
@@ -39,10 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-path", default=None,
                         help="sharegpt: JSON list of {'conversations': [{'from'|'role', 'value'|'content'}]}")
     parser.add_argument("--num-prompts", type=int, default=100)
-    parser.add_argument("--random-input-len", type=int, default=1024,
-                        help="random: prompt tokens; prefix-repetition: suffix tokens after the prefix (joined by a space)")
-    parser.add_argument("--random-output-len", type=int, default=128,
-                        help="max_tokens for random and prefix-repetition prompts")
+    parser.add_argument("--random-input-len", type=int, default=None,
+                        help="random: prompt tokens; prefix-repetition: suffix tokens after the prefix (joined by a "
+                             "space) (default: 1024, shrunk to fit the server's max_model_len)")
+    parser.add_argument("--random-output-len", type=int, default=None,
+                        help="max_tokens for random and prefix-repetition prompts "
+                             "(default: 128, shrunk to fit the server's max_model_len)")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="random: lengths uniform in [len*(1-r), len*(1+r)]")
     parser.add_argument("--prefix-len", "--prefix-repetition-prefix-len", dest="prefix_len", type=int, default=256,
@@ -117,10 +120,22 @@ async def _send_all(args: argparse.Namespace,
         return await drive(requests, send, args.request_rate, args.max_concurrency, args.seed, args.disable_tqdm)
 
 
+def _fit_to_server(args: argparse.Namespace) -> None:
+    """Read the server's max_model_len and fit the random/prefix-repetition lengths to it (fails fast)."""
+    if args.dataset == "sharegpt":
+        return
+    limit = server_max_model_len(args.base_url, args.model)
+    prefix = args.prefix_len + 1 if args.dataset == "prefix-repetition" else 0
+    args.random_input_len, args.random_output_len = fit_lengths(
+        args.random_input_len, args.random_output_len, limit, args.tokenizer is not None,
+        args.random_range_ratio if args.dataset == "random" else 0.0, prefix)
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and prints the report; 1 when no request succeeded (or arguments are bad)."""
     try:
         normalize_options(args)
+        _fit_to_server(args)
         tokenizer = _load_tokenizer(args.tokenizer)
         requests = build_requests(args, tokenizer)
     except (ValueError, OSError) as exc:

@@ -7,9 +7,11 @@ import asyncio
 from glmserve.decode.service import DecodeService
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.worker.config import WorkerConfig
+from glmserve.worker.exit import exit_now
 from glmserve.worker.server import serve_worker
 
 
 def run_decode_worker(cfg: WorkerConfig) -> int:
     asyncio.run(serve_worker(cfg, DecodeService, pb_grpc.add_DecodeWorkerServicer_to_server))
+    exit_now(0)  # no native teardown noise (see worker/exit.py)
     return 0

@@ -164,7 +164,9 @@ class AsyncEngine:
             try:
                 req = self.engine.remote_kv_arrived(cmd.request_id, cmd.first_token, cmd.num_cached_tokens)
                 self.deliver(cmd.request_id, EngineOutput(
-                    cmd.request_id, req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + 1], req.output_logprobs[:1],
+                    # The token that just arrived is the last one (a migrated request's prompt ends with
+                    # earlier output, so it is not at num_prompt_tokens).
+                    cmd.request_id, req.token_ids[-1:], req.output_logprobs[-1:],
                     finished=req.is_finished, finish_reason=req.finish_reason.value if req.finish_reason else None,
                     stop_reason=req.stop_reason, num_prompt_tokens=req.num_prompt_tokens,
                     num_cached_tokens=max(req.num_cached_tokens, 0)))

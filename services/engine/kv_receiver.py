@@ -10,6 +10,7 @@ import itertools
 import logging
 import re
 import secrets
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -335,13 +336,29 @@ class KVReceiver:
             resolve_future(handle.future, exc=self.error)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart on the same port at once
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen for the KV link on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(512)
+    return sock
+
+
 class KVLinkServer:
     """D's KV port: hosts the TCPStore every P joins through; one live receiver per prefill peer."""
 
     def __init__(self, host: str, port: int, device: torch.device | str = "cpu", *, timeout_s: float = 30.0,
                  connect_timeout_s: float = 60.0, observer: LinkObserver | None = None):
         td = datetime.timedelta(seconds=connect_timeout_s)
-        self._store = dist.TCPStore(host, port, None, True, td, wait_for_workers=False)
+        # TCPStore alone listens on every interface; hand it a socket bound to `host` only (the --host flag).
+        self._sock = _listen(host, port)
+        self._store = dist.TCPStore(host, self._sock.getsockname()[1], None, True, td, wait_for_workers=False,
+                                    master_listen_fd=self._sock.fileno())
         self.host, self.port = host, self._store.port  # port 0 picks a free one
         self._kw = dict(device=device, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, observer=observer)
         self._token = secrets.token_hex(3)  # names stay unique across restarts of D on the same port

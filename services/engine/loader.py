@@ -17,6 +17,7 @@ from glmserve.engine.attention.backend import AttentionBackend
 from glmserve.engine.config import ModelConfig, read_model_config
 from glmserve.engine.dtypes import resolve_device, resolve_dtype
 from glmserve.engine.fp8 import Fp8Layout, convert_to_fp8, load_fp8_weights, plan_fp8
+from glmserve.engine.memory_check import check_fits
 from glmserve.engine.models.registry import model_class
 from glmserve.engine.models.weight_utils import is_mtp_weight, keep_router_fp32
 from glmserve.engine.presets import canonical_preset, preset_config
@@ -48,6 +49,9 @@ def _resolve_source(model: str, load_format: str) -> tuple[ModelConfig, Path | N
     if load_format == "safetensors":
         raise ValueError(f"preset {preset} has no weights here; use load_format='dummy'")
     return preset_config(preset), None, "dummy"
+
+
+resolve_source = _resolve_source  # (config, directory or None, load format); raises on a bad model
 
 
 def build_model(cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: torch.device,
@@ -92,6 +96,10 @@ def load_model(
         backend = registry.create("auto", dev)
     # FP8 checkpoints stay FP8 on GPUs with FP8 tensor cores; everywhere else they are dequantized.
     fp8_layout = plan_fp8(cfg, dev, model_dir) if fmt != "dummy" else None
+    with torch.device("meta"):  # count parameters without allocating them
+        num_params = sum(p.numel() for p in model_class(cfg.arch)(cfg, backend, with_mtp=with_mtp).parameters())
+    per_param = 1 if fp8_layout is not None else torch.finfo(torch_dtype).bits // 8
+    check_fits(model, model_dir is None, num_params, per_param, torch_dtype, dev)
     net = build_model(cfg, backend, torch_dtype, dev, fp8_layout=fp8_layout, with_mtp=with_mtp)
     skip = None if with_mtp else (lambda name: is_mtp_weight(name, cfg))
     with torch.no_grad():

@@ -65,6 +65,13 @@ class Request:
         if self.params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
 
+    def replay_draws(self, n: int, vocab_size: int) -> None:
+        """Advance a seeded generator past n draws made elsewhere (by the prefill worker, or by an earlier
+        attempt before a request migration), so this request samples what one undisturbed process would."""
+        if self.generator is not None and not self.params.greedy:
+            for _ in range(n):
+                torch.rand(vocab_size, generator=self.generator, device=self.generator.device)
+
     # Slices copy: for callers off the per-step path (outputs, tests).
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -80,7 +80,7 @@ class Scheduler:
     def remote_kv_arrived(self, req: Request) -> None:
         """The prompt's KV landed in the request's blocks: it decodes from the next step on."""
         del self.waiting_for_kv[req.request_id]
-        req.num_computed_tokens = req.num_prompt_tokens
+        req.num_computed_tokens = req.num_tokens  # the whole prompt (a migrated one's includes earlier output)
         self._register_full_blocks(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import asynccontextmanager
 
@@ -11,6 +10,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from glmserve.router.errors import APIError, error_response, install_error_handlers
+from glmserve.router.input_limits import read_json_object
+from glmserve.router.openapi import install_openapi
 from glmserve.router.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from glmserve.router.serving_chat import ChatHandler
 from glmserve.router.serving_completions import CompletionHandler
@@ -20,13 +21,7 @@ from glmserve.router.state import RouterState
 
 async def _json_body(request: Request, model):
     """Parse and validate a body ourselves so malformed JSON is a 400 with a clear message."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"malformed JSON body: {exc}") from exc
-    if not isinstance(data, dict):
-        raise APIError(400, "the JSON body must be an object")
+    data = await read_json_object(request)  # size, depth, Unicode and integer-range limits
     from pydantic import ValidationError
 
     try:
@@ -48,6 +43,7 @@ def create_app(state: RouterState) -> FastAPI:
 
     app = FastAPI(title="glmserve router", lifespan=lifespan)
     install_error_handlers(app)
+    install_openapi(app)
     chat, completions, generate = ChatHandler(state), CompletionHandler(state), GenerateHandler(state)
     started = int(time.time())
 
@@ -83,6 +79,13 @@ def create_app(state: RouterState) -> FastAPI:
         if state.backend.healthy():
             return {"status": "ok"}
         return error_response(503, "no healthy prefill/decode workers")
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: the router can route now (a prefill and a decode worker are in its pool)."""
+        if state.backend.healthy():
+            return {"status": "ready"}
+        return error_response(503, "not ready: no healthy prefill/decode workers")
 
     @app.get("/metrics")
     async def metrics():

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from glmserve.router.errors import error_response
 
 # Probes, Prometheus and the launcher's readiness check (/load: worker counts, no model access) need no key.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/load"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/load"})  # probes and scrapes carry no key
 
 
 def presented_key(request: Request) -> str | None:

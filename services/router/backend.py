@@ -56,3 +56,7 @@ class GenerationBackend(ABC):
 
     def healthy(self) -> bool:
         return True
+
+    def capacity_tokens(self) -> int | None:
+        """Tokens of KV cache the deployment holds in all (None: unknown)."""
+        return None

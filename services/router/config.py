@@ -16,7 +16,8 @@ class RouterConfig:
     request_timeout: float | None = 600.0
     routing_policy: str = "prefix-affinity"  # prefix-affinity | least-loaded | round-robin
     health_interval: float = 1.0
-    worker_wait_timeout: float = 10.0  # a request waits this long for a healthy worker before a 503
+    # A request waits this long for a healthy worker before a 503: long enough for a restart.
+    worker_wait_timeout: float = 30.0
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
     api_key: str | None = None  # required as a Bearer token (or x-api-key) when set

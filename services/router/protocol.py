@@ -6,9 +6,16 @@ rejected with a 400 by SamplingParams' own validation (see to_sampling_params).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Integer ranges the workers' gRPC fields can carry (uint32 / int64), so a value out of range is a 400
+# naming the field instead of a failure deep inside the request; MAX_N is OpenAI's limit on n.
+UINT31 = (1 << 31) - 1
+Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
+TokenId = Annotated[int, Field(ge=0, le=UINT31)]
+MAX_N = 128
 
 
 class _Lenient(BaseModel):
@@ -45,19 +52,19 @@ class SamplingFields(_Lenient):
     """Sampling options shared by chat and completions (OpenAI names plus vLLM's extras)."""
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=-1, le=UINT31)
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Union[str, list[str], None] = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0, le=UINT31)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -89,10 +96,10 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(None, ge=1, le=UINT31)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT31)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ToolSpec] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
@@ -102,9 +109,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
+    max_tokens: int | None = Field(16, ge=1, le=UINT31)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
 
@@ -115,20 +122,20 @@ class GenerateParameters(_Lenient):
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int = Field(-1, ge=-1, le=UINT31)
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    max_new_tokens: int = 16
-    min_new_tokens: int = 0
+    max_new_tokens: int = Field(16, ge=1, le=UINT31)
+    min_new_tokens: int = Field(0, ge=0, le=UINT31)
     stop_sequences: Union[str, list[str], None] = None
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
     return_details: bool = False
     skip_special_tokens: bool = True
-    best_of: int = 1
-    n: int = 1
+    best_of: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1, le=MAX_N)
 
 
 class GenerateRequest(_Lenient):

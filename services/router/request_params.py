@@ -63,8 +63,8 @@ def build_sampling_params(body: SamplingFields, max_tokens: int, logprobs: int |
             spaces_between_special_tokens=body.spaces_between_special_tokens,
             include_stop_str_in_output=body.include_stop_str_in_output,
         )
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from exc
+    except ValueError as exc:  # SamplingParams' messages start with the field's name
+        raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from exc
 
 
 def per_choice_params(params: SamplingParams) -> list[SamplingParams]:
@@ -73,7 +73,7 @@ def per_choice_params(params: SamplingParams) -> list[SamplingParams]:
     for i in range(params.n):
         p = params.clone()
         p.n = 1
-        if params.seed is not None:
-            p.seed = params.seed + i
+        if params.seed is not None:  # wraps within int64, so a seed near the top stays valid
+            p.seed = (params.seed + i + (1 << 63)) % (1 << 64) - (1 << 63)
         out.append(p)
     return out

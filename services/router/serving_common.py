@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from glmserve.metrics import ServiceMetrics
 from glmserve.router.backend import BackendError, GenerationBackend
 from glmserve.router.choice_stream import ChoiceDelta, ChoiceStream
 from glmserve.router.errors import APIError, error_body
+from glmserve.router.input_limits import check_capacity
+
+
+log = logging.getLogger(__name__)
 
 
 def new_id(prefix: str) -> str:
@@ -68,6 +73,11 @@ class ChoiceRun:
     num_cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        first = self.params[0] if self.params else None
+        check_capacity(len(self.params), len(self.prompt_token_ids), first and first.max_tokens,
+                       self.backend.capacity_tokens())
 
     async def _one(self, index: int, queue: asyncio.Queue) -> None:
         stream = self.backend.generate(f"{self.request_id}-{index}", self.prompt_token_ids, self.params[index])
@@ -167,6 +177,11 @@ async def stream_with_timeout(events: AsyncIterator[str], timeout: float | None,
         yield sse("[DONE]")
     except APIError as exc:
         yield sse(error_body(exc.status, exc.message, exc.param))
+        yield sse("[DONE]")
+    except Exception as exc:  # anything else: the client still gets an error event, never a cut-off body
+        log.exception("stream failed")
+        metrics.get("request_failure", error="backend").inc()
+        yield sse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"))
         yield sse("[DONE]")
 
 

@@ -117,7 +117,9 @@ class WorkerPool:
         else:
             w.failed_polls = 0
         if w.healthy != was_healthy:
-            log.warning("%s worker %s %s the pool (%s)", w.role, w.address, "joins" if w.healthy else "leaves", reason)
+            # Joining is routine (INFO); leaving is what an operator looks for (WARNING).
+            log.log(logging.INFO if w.healthy else logging.WARNING, "%s worker %s %s the pool (%s)", w.role,
+                    w.address, "joins" if w.healthy else "leaves", reason)
         self.metrics.get("worker_healthy", worker=w.address, worker_role=w.role).set(1 if w.healthy else 0)
 
     async def poll(self) -> None:

@@ -27,6 +27,10 @@ class InProcessBackend(GenerationBackend):
     def healthy(self) -> bool:
         return self.async_engine.dead is None
 
+    def capacity_tokens(self) -> int | None:
+        pool = self.async_engine.engine.pool
+        return pool.num_blocks * pool.block_size
+
     async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None):
         try:
             async for out in self.async_engine.generate(request_id, prompt_token_ids, params, eos_token_ids):

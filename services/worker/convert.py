@@ -22,6 +22,7 @@ def params_to_pb(p: SamplingParams, eos_token_ids: frozenset[int] | None = None)
         repetition_penalty=p.repetition_penalty, frequency_penalty=p.frequency_penalty,
         presence_penalty=p.presence_penalty, min_tokens=p.min_tokens, stop_token_ids=p.stop_token_ids or [],
         ignore_eos=p.ignore_eos, eos_token_ids=sorted(eos_token_ids or ()),
+        resumed_output_tokens=p.resumed_output_tokens,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -67,6 +68,7 @@ def params_from_pb(msg: pb.SamplingOptions) -> tuple[SamplingParams, frozenset[i
         min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         **_constraints_from_pb(msg),
+        resumed_output_tokens=msg.resumed_output_tokens,
     )
     return params, (frozenset(msg.eos_token_ids) if msg.eos_token_ids else None)
 

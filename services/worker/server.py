@@ -54,8 +54,8 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
     await server.start()
     engine_metrics.refresh(engine)
     lifecycle.state = ServingState.SERVING
-    log.warning("%s worker serving %s: gRPC %s:%d, HTTP %s:%d", cfg.role, cfg.served_model_name, cfg.host,
-                cfg.grpc_port, cfg.host, cfg.http_port)
+    log.info("%s worker serving %s: gRPC %s:%d, HTTP %s:%d", cfg.role, cfg.served_model_name, cfg.host,
+             cfg.grpc_port, cfg.host, cfg.http_port)
     try:
         await lifecycle.stopped.wait()
     finally:

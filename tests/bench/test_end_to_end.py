@@ -104,11 +104,12 @@ def test_cli_poisson_prefix_repetition_with_tokenizer(fake_server, tmp_path):
     assert sorted(data["input_lens"]) != sorted(len(p["prompt"].split()) for p in payloads)
 
 
-def test_cli_all_failed_returns_nonzero(capsys):
+def test_cli_unreachable_server_fails_fast(capsys):
     args = _args("--base-url", "http://127.0.0.1:9", "--model", "m", "--num-prompts", "2",
                  "--random-input-len", "4", "--disable-tqdm")
     assert cli.run(args) == 1
-    assert "Failed requests:                         2" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "cannot reach the server at http://127.0.0.1:9/v1/models" in out.err and "Sending" not in out.out
 
 
 def test_cli_sharegpt_needs_path(capsys):

@@ -28,6 +28,8 @@ from glmserve.local_ports import free_port
 
 # The launcher prints `NAME pid=PID ready=URL grpc=ADDRESS` per process once all are ready.
 _PROCESS_LINE = re.compile(r"^(?P<name>\S+) pid=(?P<pid>\d+) ready=(?P<ready>\S+) grpc=(?P<grpc>\S+)\s*$")
+# ... and `NAME restarted (pid PID, restart N)` when its supervisor starts one again.
+_RESTART_LINE = re.compile(r"^(?P<name>\S+) restarted \(pid (?P<pid>\d+)")
 STOP_GRACE_S = 15.0
 LOG_LINES_KEPT = 2000
 
@@ -112,6 +114,10 @@ class Deployment:
             m = _PROCESS_LINE.match(line)
             if m:
                 self.processes[m["name"]] = (int(m["pid"]), m["ready"], m["grpc"])
+            r = _RESTART_LINE.match(line)
+            if r and r["name"] in self.processes:
+                _, ready, grpc = self.processes[r["name"]]
+                self.processes[r["name"]] = (int(r["pid"]), ready, grpc)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout

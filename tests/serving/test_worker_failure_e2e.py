@@ -1,9 +1,8 @@
-"""A decode worker killed mid-stream: its clients get an error within seconds (no hang), new requests go
-to the surviving decode worker, and `glmserve up` stops every process it started on Ctrl-C."""
+"""Timeouts cancel requests on every worker; a draining decode worker finishes its streams and leaves the
+pool. (A decode worker killed mid-stream: tests/serving/test_faults_e2e.py, where its streams migrate.)"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -49,63 +48,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def test_killed_decode_worker_fails_its_streams_fast_and_traffic_moves_on(model_dir):
-    import httpx
-
-    with Deployment(model_dir, prefill=1, decode=2, extra_args=("--dtype", "float32")) as dep:
-        # `glmserve up` reports up only once the router routes to every worker.
-        pool = httpx.get(dep.base_url + "/load", timeout=10).json()
-        assert len(pool) == 3 and all(w["healthy"] for w in pool.values()), pool
-        aclient = openai.AsyncOpenAI(base_url=dep.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
-        model = "model"
-
-        async def one_stream(i: int, started: asyncio.Event, kill_time: list[float]):
-            stream = await aclient.completions.create(model=model, prompt=list(range(10, 30 + i)), max_tokens=6000,
-                                                      temperature=0, stream=True, extra_body={"ignore_eos": True})
-            try:
-                async for _ in stream:
-                    started.set()
-                return "completed", None
-            except openai.APIError:
-                return "error", time.monotonic() - kill_time[0]
-
-        killed: list[int] = []
-
-        async def run():
-            events = [asyncio.Event() for _ in range(6)]
-            kill_time = [0.0]
-            tasks = [asyncio.create_task(one_stream(i, events[i], kill_time)) for i in range(6)]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
-            kill_time[0] = time.monotonic()
-            os.kill(victim := busiest_decode_pid(dep), signal.SIGKILL)
-            killed.append(victim)
-            # Streams on the dead worker must end soon; the others keep generating and are then dropped.
-            done, pending = await asyncio.wait(tasks, timeout=20)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            return [t.result() for t in done]
-
-        outcomes = asyncio.run(run())
-        errors = [t for kind, t in outcomes if kind == "error" and t is not None]
-        assert errors, f"no stream ran on the killed worker: {outcomes}"
-        assert max(errors) < 10, f"clients waited too long after the worker died: {errors}"
-        # New requests succeed on the surviving decode worker.
-        client = openai.OpenAI(base_url=dep.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
-        for i in range(4):
-            r = client.completions.create(model=model, prompt=[1, 2, 3, i + 4], max_tokens=4, temperature=0,
-                                          extra_body={"ignore_eos": True})
-            assert r.choices[0].finish_reason == "length"
-        pids = [pid for pid, _, _ in dep.processes.values()]
-        # Only the killed worker is gone: its KV link peer (the prefill worker) and the rest live on.
-        assert [p for p in pids if not _alive(p)] == killed
-    # Ctrl-C on `glmserve up` stops everything it started.
-    deadline = time.monotonic() + 20
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
 
 
 def test_timed_out_request_is_cancelled_on_every_worker(model_dir):

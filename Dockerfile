@@ -1,0 +1,62 @@
+# glmserve container images. One Dockerfile, three targets:
+#
+#   docker build --target gpu      -t ghcr.io/glmserve/glmserve:0.1.0 .           # default: router, workers, operator
+#   docker build --target cpu      -t ghcr.io/glmserve/glmserve:0.1.0-cpu .       # CPU torch: tests, demos
+#   docker build --target operator -t ghcr.io/glmserve/glmserve-operator:0.1.0 .  # operator (no torch)
+#
+# The Helm chart's default image (charts/glmserve/values.yaml, operator/crd.yaml) is the `gpu` target at the
+# chart's appVersion. Every target runs as a non-root user and writes only to /tmp (GLMSERVE_CACHE lives
+# there), so pods can set readOnlyRootFilesystem: true with an emptyDir on /tmp.
+
+ARG PYTORCH_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- gpu: CUDA + PyTorch base, glmserve with the `gpu` extra (FlashInfer) --------------------------------
+FROM ${PYTORCH_IMAGE} AS gpu
+WORKDIR /opt/glmserve
+COPY pyproject.toml README.md Makefile ./
+COPY services services
+COPY protos protos
+COPY kernels kernels
+COPY operator operator
+RUN pip install --no-cache-dir ".[gpu]" && rm -rf /root/.cache
+RUN useradd --uid 10001 --create-home --home-dir /home/glmserve glmserve
+USER 10001
+ENV GLMSERVE_CACHE=/tmp/glmserve-cache HOME=/tmp PYTHONDONTWRITEBYTECODE=1
+EXPOSE 8000 50061 50071 8101 8201 29600
+ENTRYPOINT ["glmserve"]
+CMD ["--help"]
+
+# ---- cpu: slim Python with the CPU build of torch -----------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS cpu
+WORKDIR /opt/glmserve
+COPY pyproject.toml README.md Makefile ./
+COPY services services
+COPY protos protos
+COPY kernels kernels
+COPY operator operator
+RUN pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu \
+    && pip install --no-cache-dir . && rm -rf /root/.cache
+RUN useradd --uid 10001 --create-home --home-dir /home/glmserve glmserve
+USER 10001
+ENV GLMSERVE_CACHE=/tmp/glmserve-cache HOME=/tmp PYTHONDONTWRITEBYTECODE=1
+EXPOSE 8000
+ENTRYPOINT ["glmserve"]
+CMD ["up", "--host", "0.0.0.0"]
+
+# ---- operator: kopf and the Kubernetes client, no torch -----------------------------------------------------
+FROM ${PYTHON_IMAGE} AS operator
+WORKDIR /opt/glmserve
+COPY pyproject.toml README.md Makefile ./
+COPY services services
+COPY protos protos
+COPY kernels kernels
+COPY operator operator
+# --no-deps skips torch; the operator's own needs are listed here.
+RUN pip install --no-cache-dir --no-deps . \
+    && pip install --no-cache-dir kopf kubernetes pyyaml prometheus-client httpx && rm -rf /root/.cache
+RUN useradd --uid 10001 --create-home --home-dir /home/glmserve glmserve
+USER 10001
+ENV HOME=/tmp PYTHONDONTWRITEBYTECODE=1
+ENTRYPOINT ["glmserve"]
+CMD ["operator", "--all-namespaces"]
