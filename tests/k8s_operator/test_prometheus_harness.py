@@ -74,6 +74,7 @@ class FakeFleet:
             r.get("request_failure", error="timeout").inc(0)
             r.get("worker_healthy", worker="10.0.0.1:50061", worker_role="prefill").set(1)
             r.get("worker_healthy", worker="10.0.0.2:50071", worker_role="decode").set(0)  # down
+            r.get("structured_output_requests", kind="json_schema").inc()
             for m in self.services.values():
                 m.get("request_queue_time_seconds").observe(0.05)
                 m.get("num_requests_running").set(3)
@@ -87,6 +88,7 @@ class FakeFleet:
             p.get("kv_transfer_latency_seconds", link=link).observe(0.01)
             p.get("kv_transfer_failures", link=link).inc()  # failing link
             p.get("num_preemptions").inc(0)
+            p.get("grammar_compile_seconds").observe(0.002)
             for pod, usage in (("decode-0", 0.3), ("decode-1", 0.99)):
                 d = self.services[pod]
                 d.get("generation_tokens").inc(64)
@@ -97,6 +99,13 @@ class FakeFleet:
                 d.get("num_preemptions").inc(0)
                 d.get("prefix_cache_queries").inc(0)
                 d.get("prefix_cache_hits").inc(0)
+                d.get("kv_transfer_reused_tokens").inc(96)
+                d.get("grammar_compile_seconds").observe(0.002)
+                d.get("spec_decode_num_drafts").inc(4)
+                d.get("spec_decode_num_draft_tokens").inc(12)
+                d.get("spec_decode_num_accepted_tokens").inc(7)
+                for position, accepted in enumerate((4, 2, 1)):
+                    d.get("spec_decode_num_accepted_tokens_per_pos", position=str(position)).inc(accepted)
             self._stop.wait(0.2)
 
     def __enter__(self):

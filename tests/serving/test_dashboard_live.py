@@ -27,6 +27,9 @@ def _load(base_url: str, stop: threading.Event) -> None:
             i += 1
             client.post("/v1/completions", json={"prompt": shared + [i % 50 + 1], "max_tokens": 8,
                                                  "ignore_eos": True, "temperature": 0})
+            client.post("/v1/chat/completions", json={  # a grammar: the structured-output panels
+                "messages": [{"role": "user", "content": "json please"}], "max_tokens": 8,
+                "response_format": {"type": "json_object"}})
             with client.stream("POST", "/v1/chat/completions", json={
                     "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 6, "stream": True,
                     "ignore_eos": True}) as r:
@@ -48,7 +51,9 @@ def test_every_dashboard_query_returns_data_from_the_running_services(tmp_path):
             with PrometheusHarness({"glmserve": targets}, workdir=tmp_path / "prom") as prom:
                 prom.wait_for_targets(timeout=60)
                 time.sleep(3)  # a few scrapes, so that rate() windows have two samples
-                empty = empty_dashboard_queries(prom, timeout=90)
+                # MTP runs in one process only (not across prefill/decode yet): its panels get data in
+                # tests/k8s_operator/test_prometheus_harness.py.
+                empty = empty_dashboard_queries(prom, timeout=90, skip=("spec_decode_",))
                 assert not mangled_series(prom)
         finally:
             stop.set()
