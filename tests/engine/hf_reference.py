@@ -5,6 +5,8 @@
 - `hf_logits(hf_model, ids)`: full-sequence logits [T, V] float32; `hf_hidden`: final hidden states [T, H].
 - `hf_mtp_reference(hf_model, ids, prev_hidden)`: transformers' own MTP layer; `run_mtp`: ours, paged.
 - `load_ours(dir)`: our model through the loader (fp32, CPU, no progress bar).
+- `transformers_greedy(dir, lengths, new_tokens, seed)`: random eos-free prompts and transformers'
+  greedy `generate` continuation of each (exactly new_tokens tokens).
 - `PagedRunner`: drives our model step by step over a paged KV cache with shuffled block ids, any mix of
   prefill chunks, decode tokens and prefix-cache hits; `run_chunks` / `run_steps` are shortcuts.
 """
@@ -26,7 +28,7 @@ from glmserve.engine.kv_cache import allocate_kv_caches, kv_cache_spec
 from glmserve.engine.tiny_checkpoint import write_tiny_checkpoint
 
 __all__ = [
-    "make_checkpoint", "load_hf_model", "dequantized_copy", "hf_logits", "load_ours",
+    "transformers_greedy", "make_checkpoint", "load_hf_model", "dequantized_copy", "hf_logits", "load_ours",
     "PagedRunner", "run_chunks", "run_steps", "random_tokens", "max_abs_diff",
     "hf_hidden", "hf_mtp_reference", "run_mtp",
 ]
@@ -253,3 +255,23 @@ def run_steps(
     for work in steps:
         runner.step(work)
     return [runner.sequence_logits(i) for i in range(len(sequences))]
+
+
+def transformers_greedy(model_dir, lengths: Sequence[int], new_tokens: int,
+                        seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts of the given lengths (random, without eos ids) and transformers' greedy continuations,
+    exactly new_tokens long (min_new_tokens masks eos as our min_tokens does)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rng = random.Random(seed)
+    eos = set(hf.generation_config.eos_token_id or [])
+    allowed = [t for t in range(hf.config.vocab_size) if t not in eos]
+    prompts = [[rng.choice(allowed) for _ in range(n)] for n in lengths]
+    expected = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            expected.append(out[0, len(ids):].tolist())
+    return prompts, expected

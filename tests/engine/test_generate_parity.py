@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
-import torch
 
 from glmserve import LLM, SamplingParams
 from glmserve.engine.tiny_model import build_tiny_model
+from tests.engine.hf_reference import transformers_greedy
 
 ARCHS = ["glm4_moe", "glm4_moe_lite"]
 NEW_TOKENS = 32
@@ -17,21 +16,9 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module", params=ARCHS)
 def tiny(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     arch = request.param
     model_dir = build_tiny_model(arch, tmp_path_factory.mktemp(arch) / "model", seed=3)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rng = random.Random(7)
-    eos = set(hf.generation_config.eos_token_id or [])
-    prompts = [[rng.choice([t for t in range(hf.config.vocab_size) if t not in eos]) for _ in range(n)]
-               for n in (5, 19, 40)]
-    expected = []
-    with torch.no_grad():
-        for ids in prompts:
-            out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-            expected.append(out[0, len(ids):].tolist())
+    prompts, expected = transformers_greedy(model_dir, (5, 19, 40), NEW_TOKENS, seed=7)
     return model_dir, prompts, expected
 
 

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 
 import openai
 import pytest
@@ -13,26 +10,18 @@ import pytest
 from glmserve import LLM, SamplingParams
 from glmserve.engine.tiny_model import build_tiny_model
 from glmserve.local_ports import free_port
-from tests.serving.deployment import http_status
+from tests.serving.serve_process import ServeProcess
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     model_dir = build_tiny_model("glm4_moe", tmp_path_factory.mktemp("serve") / "model", seed=4)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "glmserve.cli", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--dtype", "float32", "--num-kv-blocks", "64", "--no-progress"])
-    try:
-        deadline = time.monotonic() + 120
-        while http_status(f"http://127.0.0.1:{port}/health") != 200:
-            assert proc.poll() is None, "glmserve serve exited"
-            assert time.monotonic() < deadline, "glmserve serve not ready in 120 s"
-            time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    args = ["--model", str(model_dir), "--port", str(port), "--dtype", "float32", "--num-kv-blocks", "64",
+            "--no-progress"]
+    with ServeProcess(args, port) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
         yield client, client.models.list().data[0].id, LLM(str(model_dir), dtype="float32", show_progress=False)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_greedy_tokens_equal_the_offline_engine(served):
