@@ -154,17 +154,22 @@ class LLMEngine:
         observer = self.step_observer
         on_layer_done = observer.before_forward(plan.chunks) if observer is not None else None
         # -- structured output: fill grammar bitmasks on a helper thread while the forward runs
-        masks = self.structured.begin_masks([c.request.request_id for c in plan.chunks if c.completes_sequence])
+        grammars = bool(self.structured.grammars)  # skip the per-request work when no request has one
+        masks = (self.structured.begin_masks([c.request.request_id for c in plan.chunks if c.completes_sequence])
+                 if grammars else None)
         result = self.runner.execute(plan.chunks, on_layer_done)
-        self.structured.apply(masks, result.logits, [c.request.request_id for c in result.sample_chunks])
+        if masks is not None:
+            self.structured.apply(masks, result.logits, [c.request.request_id for c in result.sample_chunks])
+        advance = self.scheduler.advance
         for chunk in plan.chunks:
-            self.scheduler.advance(chunk)
+            advance(chunk)
         rows = [self._sampling_row(c.request) for c in result.sample_chunks]
         sampled = self.sampler(result.logits, rows) if rows else []
         for chunk, token in zip(result.sample_chunks, sampled):
             req = chunk.request
             req.append_token(token)
-            self.structured.accept(req.request_id, token.token_id)
+            if grammars:
+                self.structured.accept(req.request_id, token.token_id)
             req.check_stop()
             new_logprobs = [token] if req.params.logprobs is not None else []
             if req.is_finished:
@@ -175,7 +180,7 @@ class LLMEngine:
             else:
                 outputs.append(EngineOutput(req.request_id, [token.token_id], new_logprobs,
                                             num_prompt_tokens=req.num_prompt_tokens,
-                                            num_cached_tokens=max(req.num_cached_tokens, 0)))
+                                            num_cached_tokens=req.num_cached_tokens if req.num_cached_tokens > 0 else 0))
         return outputs
 
     def _add_constraints(self, req: Request) -> None:

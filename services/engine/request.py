@@ -107,7 +107,8 @@ class Request:
     def check_stop(self) -> None:
         """Finish on eos / stop token / max_tokens / context length, after a token was appended."""
         p = self.params
-        n_out = self.num_output_tokens
+        n_tokens = len(self.token_ids)  # runs per request per step: no property calls
+        n_out = n_tokens - self.num_prompt_tokens
         last = self.token_ids[-1]
         if n_out >= p.min_tokens:
             if not p.ignore_eos and last in self.eos_token_ids:
@@ -116,7 +117,7 @@ class Request:
             if p.stop_token_ids and last in p.stop_token_ids:
                 self.finish(FinishReason.STOP, stop_reason=last)
                 return
-        if (p.max_tokens is not None and n_out >= p.max_tokens) or self.num_tokens >= self.max_model_len:
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or n_tokens >= self.max_model_len:
             self.finish(FinishReason.LENGTH)
 
     def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:

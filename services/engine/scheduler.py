@@ -145,11 +145,17 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         chunk_cap = self.cfg.chunked_prefill_size
 
-        # 1. Running requests, oldest first.
+        # 1. Running requests, oldest first. (Per-request work here runs for every sequence every step:
+        # plain comparisons instead of min() and properties.)
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, chunk_cap, budget)
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            num_new = len(req.token_ids) - req.num_computed_tokens
+            if num_new > chunk_cap:
+                num_new = chunk_cap
+            if num_new > budget:
+                num_new = budget
             if num_new <= 0:
                 i += 1
                 continue
@@ -226,8 +232,10 @@ class Scheduler:
     # -- after the forward pass ---------------------------------------------------------------
     def advance(self, chunk: ScheduledChunk) -> None:
         """Mark the chunk's tokens computed and publish the request's newly full blocks."""
-        chunk.request.num_computed_tokens += chunk.num_new_tokens
-        self._register_full_blocks(chunk.request)
+        req = chunk.request
+        req.num_computed_tokens += chunk.num_new_tokens
+        if req.num_computed_tokens // self.block_size > req.num_registered_blocks:  # a block just filled
+            self._register_full_blocks(req)
 
     def _register_full_blocks(self, req: Request) -> None:
         n_full = req.num_computed_tokens // self.block_size
