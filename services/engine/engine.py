@@ -144,11 +144,7 @@ class LLMEngine:
         if self.speculator is not None:
             return self.speculator.step()
         plan = self.scheduler.schedule()
-        outputs = [self._finished_output(r, []) for r in plan.rejected]
-        for r in plan.rejected:
-            self.requests.pop(r.request_id, None)
-            self.structured.remove(r.request_id)
-        self.runner.release_rows(plan.released)
+        outputs = self.settle_plan(plan)
         if plan.is_empty():
             return outputs
         observer = self.step_observer
@@ -181,6 +177,16 @@ class LLMEngine:
                 outputs.append(EngineOutput(req.request_id, [token.token_id], new_logprobs,
                                             num_prompt_tokens=req.num_prompt_tokens,
                                             num_cached_tokens=req.num_cached_tokens if req.num_cached_tokens > 0 else 0))
+        return outputs
+
+    def settle_plan(self, plan) -> list[EngineOutput]:
+        """Before a step's forward: finish the requests the scheduler rejected and drop the step-input
+        rows of those it released. Returns the rejected requests' final outputs."""
+        outputs = [self._finished_output(r, []) for r in plan.rejected]
+        for r in plan.rejected:
+            self.requests.pop(r.request_id, None)
+            self.structured.remove(r.request_id)
+        self.runner.release_rows(plan.released)
         return outputs
 
     def _add_constraints(self, req: Request) -> None:

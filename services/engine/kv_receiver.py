@@ -279,6 +279,10 @@ class KVReceiver:
                 handle.bytes_received += h.nbytes
                 if handle.coverage.remaining == 0:
                     done = self._pending.pop(h.transfer_id)
+        self._after_payload(h, done)
+
+    def _after_payload(self, h: Header, done: TransferHandle | None) -> None:
+        """After a payload landed (outside the lock): count it, and complete its transfer if it was the last."""
         notify(self._observer, LinkEvent(self.label, "bytes", "recv", h.nbytes))
         if done is not None:
             notify(self._observer, LinkEvent(self.label, "latency", "recv", time.monotonic() - done.started))
@@ -299,10 +303,7 @@ class KVReceiver:
                 else:
                     if handle.coverage.remaining == 0:
                         done = self._pending.pop(h.transfer_id)
-        notify(self._observer, LinkEvent(self.label, "bytes", "recv", h.nbytes))
-        if done is not None:
-            notify(self._observer, LinkEvent(self.label, "latency", "recv", time.monotonic() - done.started))
-            resolve_future(done.future, done.bytes_received)
+        self._after_payload(h, done)
         if bad is not None:
             notify(self._observer, LinkEvent(self.label, "failure", "recv", 1))
             resolve_future(bad[0].future, exc=KVTransferError(f"transfer {h.transfer_id}: bad data from P: {bad[1]}"))

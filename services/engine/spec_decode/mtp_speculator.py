@@ -133,11 +133,7 @@ class MTPSpeculator:
         finally:
             for req, d in drafted.values():
                 del req.token_ids[len(req.token_ids) - len(d):]
-        outputs = [eng._finished_output(r, []) for r in plan.rejected]
-        for r in plan.rejected:
-            eng.requests.pop(r.request_id, None)
-            eng.structured.remove(r.request_id)
-        eng.runner.release_rows(plan.released)
+        outputs = eng.settle_plan(plan)
         if plan.is_empty():
             return outputs
         eng.runner.backend.prepare(ctx)
