@@ -76,7 +76,9 @@ def _fp8_gemm_kernel(
         k_ok = kk < K
         a = tl.load(a_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        # Hopper's FP8 MMA accumulates with ~14-bit precision and Triton never promotes by default there:
+        # promote to the fp32 accumulator every tile (as DeepSeek-V3's FP8 GEMMs do), else K=2048 costs 1e-2.
+        acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
     a_s = tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)
     w_s = tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)
     acc = acc * a_s[:, None] * w_s[None, :]
@@ -174,8 +176,8 @@ def _fp8_moe_gate_up_kernel(
         x = tl.load(x_ptr + token[:, None] * stride_xt + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wg = tl.load(w_gate + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         wu = tl.load(w_up + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        gate = tl.dot(x, wg, gate)
-        up = tl.dot(x, wu, up)
+        gate = tl.dot(x, wg, gate, max_num_imprecise_acc=BLOCK_K)  # per-tile fp32 promotion, as in fp8_gemm
+        up = tl.dot(x, wu, up, max_num_imprecise_acc=BLOCK_K)
     xs = tl.load(x_scale_ptr + token, mask=row_ok, other=0.0)
     scales = w13_scale_ptr + expert * stride_se
     gate = gate * xs[:, None] * tl.load(scales + n, mask=n_ok, other=0.0)[None, :]
@@ -209,7 +211,7 @@ def _fp8_moe_down_kernel(
         k_ok = kk < inter_size
         a = tl.load(a_ptr + rows[:, None] * stride_at + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)  # per-tile fp32 promotion, as in fp8_gemm
     a_s = tl.load(a_scale_ptr + rows, mask=row_ok, other=0.0)
     w_s = tl.load(w2_scale_ptr + expert * stride_se + n, mask=n_ok, other=0.0)
     routing = tl.load(weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)

@@ -122,6 +122,11 @@ def _mla_attention_kernel(
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
+def _dot_block(dim: int) -> int:
+    """A tl.dot operand's inner size: a power of two and at least 16 (the GPU's minimum; masks cover the padding)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
 def mla_attention(
     q_latent: torch.Tensor,  # [T, H, R]
     q_rope: torch.Tensor,  # [T, H, Dr]
@@ -166,7 +171,7 @@ def mla_attention(
         cache.stride(0), cache.stride(1), block_tables.stride(0),
         RANK=rank, ROPE=rope, PAGE=page,
         BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_R=triton.next_power_of_2(rank), BLOCK_DR=triton.next_power_of_2(rope), SPLIT=split,
+        BLOCK_R=_dot_block(rank), BLOCK_DR=_dot_block(rope), SPLIT=split,
         num_warps=8 if rank >= 256 else 4,  # the [rows, R] accumulator needs the registers
     )
     if split:

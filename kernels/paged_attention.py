@@ -174,7 +174,7 @@ def paged_attention(
         q.stride(0), q.stride(1), dst.stride(0), dst.stride(1), stride_os, stride_lt, stride_lh,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE=page,
-        BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot: K >= 16
         SPLIT=split,
     )
     if split:

@@ -193,6 +193,9 @@ class CudaGraphRunner:
     def capture(self) -> CaptureStats:
         grow_rope_tables(self.model, self.max_model_len, self.device)
         torch.cuda.synchronize(self.device)
+        # Capturing empties the allocator's cache (torch.cuda.graph does): empty it first, so that the
+        # figures below count the graphs' pool and not the cache released during capture (negative otherwise).
+        torch.cuda.empty_cache()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         reserved_before = torch.cuda.memory_reserved(self.device)
         start = time.perf_counter()

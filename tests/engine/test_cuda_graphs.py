@@ -230,7 +230,7 @@ def test_gpu_backend_without_graph_support_runs_eagerly(tmp_path):
 
     d = make_checkpoint("glm4_moe", tmp_path / "m", vocab_size=VOCAB, seed=5)
     engine = LLMEngine(EngineConfig(model=str(d), device="cuda", prefill_attention_backend="torch",
-                                    show_progress=False))
+                                    decode_attention_backend="torch", show_progress=False))
     stats = engine.runner.cuda_graph_stats()
     assert not stats["enabled"] and "torch" in stats["reason"]
     engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, min_tokens=3))
