@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", default=None, help="attention backend (default triton: graph-safe)")
     p.add_argument("--no-graphs", action="store_true", help="eager only")
     p.add_argument("--fp8", action="store_true", help="quantize the weights to FP8 (per channel) first")
+    p.add_argument("--profile", type=int, default=None, metavar="BATCH",
+                   help="also profile 5 steps at this batch size (graph replay when captured) and print the "
+                        "kernels that take the most device time (default: no profile)")
     args = p.parse_args(argv)
     device = resolve_device(args, "decode_bench.py")
     from glmserve.engine.config import CacheConfig
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
                 row["meets_target"] = ms / floor_ms <= BATCH64_TARGET_RATIO
             rows.append(row)
     runner.graphs = graphs
+    top_kernels = profile_steps(runner, make_chunks(args.profile, ctx, 1, block_size, cfg.vocab_size, seed=0)) \
+        if args.profile else None
 
     print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, matmul {ceilings['matmul_tflops']:.1f} TFLOP/s; "
           f"model loaded in {load_s:.1f} s; cuda graphs: {graph_stats}")
@@ -104,9 +109,31 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"benchmark": "decode", "tiny": args.tiny, "environment": env, "ceilings": ceilings,
                "model": "tiny" if args.tiny else "GLM-4.7-Flash", "dtype": str(dtype), "fp8_weights": args.fp8,
                "attention_backend": backend_name, "kernels": vars(runner.kernels), "context": ctx,
-               "cuda_graphs": graph_stats, "load_seconds": load_s, "rows": rows}
+               "cuda_graphs": graph_stats, "load_seconds": load_s, "rows": rows, "profile_batch": args.profile,
+               "top_kernels": top_kernels}
     write_json(args.out, payload)
     return payload
+
+
+def profile_steps(runner, chunks, steps: int = 5, top: int = 15) -> list[dict]:
+    """Device time per kernel over `steps` decode steps: where a step's time goes (printed and returned)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    runner.execute(chunks)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.execute(chunks)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+            for e in events[:top]]
+    print(f"\ntop kernels over {steps} steps ({len(chunks)} sequences), device microseconds per step:")
+    for r in rows:
+        print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<5.0f} {r['kernel']}")
+    return rows
 
 
 if __name__ == "__main__":

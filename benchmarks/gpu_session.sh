@@ -2,6 +2,7 @@
 # What issue 5 needs from a GPU machine, one step per call (each fits the device tool's 10-minute limit).
 # Run from the repository root on the GPU machine:
 #     bash benchmarks/gpu_session.sh STEP OUT_DIR
+#     bash benchmarks/gpu_session.sh STEP OUT_DIR [ARGS...]   (ARGS: test ids for tests, flags for decode)
 # STEP: tests | ceilings | kernels | decode | decode-fp8 | prefill | all.  Writes STEP's JSON and log to OUT_DIR.
 # `all` runs tests, decode, decode-fp8 and prefill one after another, each under its own time limit so that
 # one failure does not eat the device time (about 8 minutes at most).
@@ -9,6 +10,8 @@
 set -u -o pipefail
 step=${1:?usage: gpu_session.sh tests|ceilings|kernels|decode|decode-fp8|prefill|all OUT_DIR}
 out=${2:?usage: gpu_session.sh STEP OUT_DIR}
+shift 2
+extra=("$@")  # passed on to the step's command: test ids for `tests`, flags for the benchmarks
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # The image has torch, triton, transformers, safetensors, pytest: install glmserve itself only, offline.
@@ -26,10 +29,11 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . --config-sett
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 case $step in
-  tests)      python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/engine tests/kernels 2>&1 | tee "$out/gpu_tests.log" ;;
+  tests)      [ ${#extra[@]} -gt 0 ] || extra=(tests/engine tests/kernels)
+              python3 -m pytest -q -ra -m gpu -p no:cacheprovider "${extra[@]}" 2>&1 | tee "$out/gpu_tests.log" ;;
   ceilings)   python3 benchmarks/ceilings.py --out "$out/ceilings.json" 2>&1 | tee "$out/ceilings.log" ;;
   kernels)    python3 benchmarks/kernel_bench.py --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" ;;
-  decode)     python3 benchmarks/decode_bench.py --out "$out/decode.json" 2>&1 | tee "$out/decode.log" ;;
+  decode)     python3 benchmarks/decode_bench.py --out "$out/decode.json" ${extra[@]+"${extra[@]}"} 2>&1 | tee "$out/decode.log" ;;
   decode-fp8) python3 benchmarks/decode_bench.py --fp8 --batches 1,64 --out "$out/decode_fp8.json" 2>&1 | tee "$out/decode_fp8.log" ;;
   prefill)    python3 benchmarks/prefill_bench.py --out "$out/prefill.json" 2>&1 | tee "$out/prefill.log" ;;
   all)

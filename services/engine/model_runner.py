@@ -6,6 +6,7 @@ CUDA graphs (cuda_graphs.py) when the backend allows it; every other step runs e
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -25,14 +26,28 @@ logger = logging.getLogger(__name__)
 
 
 def plan_num_blocks(spec: KVCacheSpec, num_layers: int, dtype: torch.dtype, device: torch.device,
-                    cfg: CacheConfig) -> int:
-    """KV blocks to allocate: explicit, else a fraction of free GPU memory, else a CPU byte budget."""
+                    cfg: CacheConfig, max_len: int = 0) -> int:
+    """KV blocks to allocate: explicit, else a fraction of free GPU memory, else a CPU byte budget.
+    On a GPU, a budget that cannot hold one sequence of max_len tokens is refused (as vLLM does) instead of
+    serving with a pool every request would finish in at once, with no tokens."""
     if cfg.num_blocks is not None:
         return cfg.num_blocks
     per_block = spec.bytes_per_block(dtype) * num_layers
     if device.type == "cuda":
+        # Memory an earlier engine of this process left in torch's cache (or in unreachable cycles) is ours to
+        # use: release it first, else a second engine sees ~(1 - utilization) free and gets one block.
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - cfg.gpu_memory_utilization) * total
+        blocks, needed = int(budget // per_block), -(-max_len // spec.block_size)
+        if blocks < needed:
+            raise ValueError(
+                f"the KV cache gets {max(blocks, 0)} blocks from {budget / 2**30:.2f} GiB ({free / 2**30:.1f} of "
+                f"{total / 2**30:.1f} GiB free, gpu_memory_utilization {cfg.gpu_memory_utilization}); one sequence "
+                f"of max_model_len {max_len} needs {needed}: lower --max-model-len, raise --gpu-memory-utilization, "
+                f"or free GPU memory (another engine in this process holds its share until it is gone)")
+        return blocks
     else:
         budget = cfg.cpu_kv_bytes
     return max(1, int(budget // per_block))
@@ -61,10 +76,10 @@ class ModelRunner:
         self.block_size = cache_cfg.block_size
         self.spec = kv_cache_spec(model_cfg, cache_cfg.block_size)
         num_kv_layers = model_cfg.num_hidden_layers + extra_kv_layers
-        self.num_blocks = plan_num_blocks(self.spec, num_kv_layers, dtype, device, cache_cfg)
+        max_len = (max_model_len or model_cfg.max_position_embeddings) + num_lookahead_tokens
+        self.num_blocks = plan_num_blocks(self.spec, num_kv_layers, dtype, device, cache_cfg, max_len)
         self.kv_caches = allocate_kv_caches(self.spec, num_kv_layers, self.num_blocks, dtype, device)
         self.kernels = select_kernels(model, device)  # which kernels were chosen: the benchmarks report it
-        max_len = (max_model_len or model_cfg.max_position_embeddings) + num_lookahead_tokens
         self.inputs = StepInputBuilder(min(self.num_blocks, -(-max_len // self.block_size) + 1), self.block_size, device)
         self.graphs: CudaGraphRunner | None = None
         self.cuda_graph_disabled_reason: str | None = "disabled by configuration"

@@ -186,9 +186,10 @@ def _generate(model_dir, enable: bool, prompts, dtype: str, max_batch: int = 16)
     from glmserve.engine.config import EngineConfig, SchedulerConfig
     from glmserve.engine.engine import LLMEngine
 
+    # An explicit pool: the two engines of a test live in one process and cannot each claim 85% of the GPU.
     cfg = EngineConfig(model=str(model_dir), dtype=dtype, device="cuda", prefill_attention_backend="triton",
                        show_progress=False, enable_cuda_graph=enable, cuda_graph_max_batch_size=max_batch,
-                       scheduler=SchedulerConfig(max_num_seqs=max_batch))
+                       scheduler=SchedulerConfig(max_num_seqs=max_batch), cache=CacheConfig(num_blocks=256))
     engine = LLMEngine(cfg)
     params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, ignore_eos=True)
     for i, p in enumerate(prompts):
@@ -230,7 +231,8 @@ def test_gpu_backend_without_graph_support_runs_eagerly(tmp_path):
 
     d = make_checkpoint("glm4_moe", tmp_path / "m", vocab_size=VOCAB, seed=5)
     engine = LLMEngine(EngineConfig(model=str(d), device="cuda", prefill_attention_backend="torch",
-                                    decode_attention_backend="torch", show_progress=False))
+                                    decode_attention_backend="torch", show_progress=False,
+                                    cache=CacheConfig(num_blocks=64)))
     stats = engine.runner.cuda_graph_stats()
     assert not stats["enabled"] and "torch" in stats["reason"]
     engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, min_tokens=3))
