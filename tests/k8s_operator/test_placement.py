@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from glmserve.operator import naming
+from glmserve.operator.schema import openapi_schema
 from glmserve.operator.spec import SpecError, check_owner_name, parse_spec
 from glmserve.operator.topology import PlacementError, Topology, place
-from glmserve.operator.schema import openapi_schema
 from tests.k8s_operator import crd_validation
 from tests.k8s_operator.crd_validation import admit
 from tests.k8s_operator.samples import GLM47_TWO_NODES, MINIMAL, glmd_object, with_changes
