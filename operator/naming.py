@@ -65,8 +65,6 @@ LWS_SUFFIX = "-lws"
 MAX_LWS_NAME = 48
 MAX_OWNER_NAME_MULTI_NODE = MAX_LWS_NAME - len("-prefill") - len(LWS_SUFFIX)
 
-# LWS labels every pod of a group with its index in the group; the leader is index 0 (leaderworkerset.x-k8s.io/v1).
-LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 # Our own mark on the leader template: the role's headless Service selects leaders only, so the router sees one
 # address per group (the rank that serves gRPC), never the ranks that only compute.
 GROUP_LEADER_LABEL = {"glmserve.io/group-rank": "leader"}
