@@ -10,6 +10,10 @@ from glmserve.operator.spec import DeploymentSpec, RoleSpec
 # their pod IP, which Kubernetes substitutes from the POD_IP variable (downward API) when it starts the container.
 LISTEN_ALL = "0.0.0.0"
 POD_IP_REF = "$(POD_IP)"
+# In a group spanning nodes, LeaderWorkerSet gives every container the leader's DNS name and the pod's index in
+# the group (0 = the leader) as environment variables; Kubernetes substitutes them into the args.
+LWS_LEADER_ADDRESS_REF = "$(LWS_LEADER_ADDRESS)"
+LWS_WORKER_INDEX_REF = "$(LWS_WORKER_INDEX)"
 
 
 def worker_args(spec: DeploymentSpec, role: RoleSpec, model_path: str) -> list[str]:
@@ -41,6 +45,11 @@ def worker_args(spec: DeploymentSpec, role: RoleSpec, model_path: str) -> list[s
         args += ["--kv-transfer-backend", spec.kv_backend]
     if role.name == "decode":
         args += ["--kv-port", str(spec.kv_port)]
+    if role.enable_expert_parallel:
+        args.append("--enable-expert-parallel")
+    if role.topology.multi_node:  # SGLang's names for a group across nodes; the same args serve every pod of it
+        args += ["--nnodes", str(role.topology.nodes), "--node-rank", LWS_WORKER_INDEX_REF,
+                 "--dist-init-addr", f"{LWS_LEADER_ADDRESS_REF}:{naming.DIST_INIT_PORT}"]
     return args + list(e.extra_args)
 
 

@@ -52,12 +52,22 @@ def _pod_spec(spec: DeploymentSpec, mount: ModelMount, container: dict[str, Any]
     return pod_spec
 
 
-def build_worker_deployment(spec: DeploymentSpec, owner: naming.Owner, role: RoleSpec) -> dict[str, Any]:
+def worker_pod_spec(spec: DeploymentSpec, owner: naming.Owner, role: RoleSpec, *, leader: bool = True) -> dict[str, Any]:
+    """The pod of a worker: the whole worker on one node, or one node's share of a group spanning nodes.
+
+    leader: the pod that serves gRPC and HTTP (the only pod of a one-node worker, rank 0 of a group); the other
+    pods of a group run their ranks only, so they have no probes: a failing rank ends its process, and LWS then
+    recreates the whole group.
+    """
     mount = model_mount(spec.source, spec.image)
     config = engine_config(spec, owner)[role.name]
-    ports = [{"name": "grpc", "containerPort": naming.GRPC_PORT[role.name], "protocol": "TCP"},
-             {"name": "http", "containerPort": naming.HTTP_PORT[role.name], "protocol": "TCP"}]
-    if role.name == "decode":
+    ports: list[dict[str, Any]] = []
+    if leader:
+        ports += [{"name": "grpc", "containerPort": naming.GRPC_PORT[role.name], "protocol": "TCP"},
+                  {"name": "http", "containerPort": naming.HTTP_PORT[role.name], "protocol": "TCP"}]
+        if role.topology.multi_node:
+            ports.append({"name": "dist", "containerPort": naming.DIST_INIT_PORT, "protocol": "TCP"})
+    if role.name == "decode":  # every decode rank receives the KV heads it holds from the prefill ranks
         ports.append({"name": "kv", "containerPort": spec.kv_port, "protocol": "TCP"})
     container: dict[str, Any] = {
         "name": role.name,
@@ -66,25 +76,29 @@ def build_worker_deployment(spec: DeploymentSpec, owner: naming.Owner, role: Rol
         "command": ["glmserve"],
         "args": config["args"],
         "ports": ports,
-        **http_probes("http", "/ready"),
-        "resources": gpu_resources(role.placement.resources, role.gpus, role.gpu_resource_name),
+        **(http_probes("http", "/ready") if leader else {}),
+        "resources": gpu_resources(role.placement.resources, role.topology.gpus_per_pod, role.gpu_resource_name),
         "volumeMounts": [mount.mount, {"name": "dshm", "mountPath": "/dev/shm"}],
         # JIT caches (Triton, FlashInfer, torch) write under HOME, so the root filesystem stays writable.
         "securityContext": container_security_context(read_only_root=False),
     }
     container["env"] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                         *(dict(e) for e in role.env)]
-    pod_spec = _pod_spec(
+    return _pod_spec(
         spec, mount, container, shm_volume(role.shm_size), role.placement,
         # A draining worker finishes its running requests (drainTimeoutSeconds) before the grace period ends.
         terminationGracePeriodSeconds=role.termination_grace_s,
         automountServiceAccountToken=False)  # workers never call the Kubernetes API
+
+
+def build_worker_deployment(spec: DeploymentSpec, owner: naming.Owner, role: RoleSpec) -> dict[str, Any]:
+    pod_spec = worker_pod_spec(spec, owner, role)
     # GPUs are scarce: replace pods one at a time instead of surging onto GPUs that may not exist.
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
     # With an autoscaler the HPA owns the replica count; leave it out of what the operator applies.
     replicas = None if role.autoscaling.enabled else role.replicas
     return _deployment(owner, naming.role_name(owner.name, role.name), role.name, spec, replicas, strategy,
-                       pod_spec, section_hash(config))
+                       pod_spec, section_hash(engine_config(spec, owner)[role.name]))
 
 
 def build_router_deployment(spec: DeploymentSpec, owner: naming.Owner) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from typing import Any
 
 from glmserve.metrics import METRICS, PREFIX
 from glmserve.operator import naming
+from glmserve.operator.build_lws import API_VERSION as LWS_API_VERSION
+from glmserve.operator.build_lws import KIND as LWS_KIND
 from glmserve.operator.spec import DeploymentSpec, RoleSpec
 
 
@@ -17,6 +19,13 @@ def custom_metric_name(metric: str) -> str:
     """
     assert metric in METRICS and METRICS[metric][0] == "gauge", metric
     return PREFIX.rstrip(":") + "_" + metric
+
+
+def _scale_target(owner: naming.Owner, role: RoleSpec) -> dict[str, str]:
+    # A LeaderWorkerSet scales whole groups; its scale subresource selects the leaders, which export the metrics.
+    if role.topology.multi_node:
+        return {"apiVersion": LWS_API_VERSION, "kind": LWS_KIND, "name": naming.lws_name(owner.name, role.name)}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": naming.role_name(owner.name, role.name)}
 
 
 def build_worker_hpa(spec: DeploymentSpec, owner: naming.Owner, role: RoleSpec) -> dict[str, Any]:
@@ -33,7 +42,7 @@ def build_worker_hpa(spec: DeploymentSpec, owner: naming.Owner, role: RoleSpec) 
         "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
         "metadata": naming.metadata(owner, name, role.name, spec.image.tag),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "scaleTargetRef": _scale_target(owner, role),
             "minReplicas": a.min_replicas, "maxReplicas": a.max_replicas,
             "metrics": [metric],
             # Removing a worker means draining it and losing its cache: scale down slowly, one pod at a time.

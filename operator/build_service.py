@@ -34,7 +34,9 @@ def build_worker_service(spec: DeploymentSpec, owner: naming.Owner, role: RoleSp
             "clusterIP": "None",  # headless: the router talks to each pod, not to a load-balanced VIP
             # Only ready pods: a loading or draining worker must not receive requests.
             "publishNotReadyAddresses": False,
-            "selector": naming.selector_labels(owner.name, role.name),
+            # A group spanning nodes is one worker: only its leader serves gRPC, so only leaders are endpoints.
+            "selector": {**naming.selector_labels(owner.name, role.name),
+                         **(naming.GROUP_LEADER_LABEL if role.topology.multi_node else {})},
             "ports": ports,
         },
     }

@@ -23,8 +23,12 @@ class Failure:
 
 
 def role_status(owner_name: str, component: str, deployment: dict[str, Any] | None,
-                desired: int) -> dict[str, Any]:
+                desired: int, *, leaders_only: bool = False) -> dict[str, Any]:
+    """deployment: the role's Deployment, or its LeaderWorkerSet (same status fields, counted in groups);
+    leaders_only: the role's groups span nodes, and only their leaders serve (and export metrics)."""
     sel = naming.selector_labels(owner_name, component)
+    if leaders_only:
+        sel = {**sel, **naming.GROUP_LEADER_LABEL}
     out = {"desiredReplicas": desired, "replicas": 0, "readyReplicas": 0, "updatedReplicas": 0,
            "selector": ",".join(f"{k}={v}" for k, v in sorted(sel.items()))}
     if deployment is not None:
@@ -36,6 +40,8 @@ def role_status(owner_name: str, component: str, deployment: dict[str, Any] | No
 
 
 def _rollout_stuck(deployment: dict[str, Any] | None) -> str | None:
+    if (deployment or {}).get("kind") == "LeaderWorkerSet":
+        return None  # no progress deadline there, and its Progressing=False means settled, not stuck
     for c in ((deployment or {}).get("status") or {}).get("conditions") or []:
         if c.get("type") == "Progressing" and c.get("status") == "False":
             return c.get("message") or c.get("reason") or "rollout stalled"
@@ -54,13 +60,16 @@ def _stale(deployment: dict[str, Any] | None) -> bool:
 
 def compute_status(*, owner_name: str, namespace: str, service_port: int, desired: dict[str, int],
                    deployments: dict[str, dict[str, Any] | None], old_conditions: list[dict[str, Any]] | None,
-                   now: str, observed_generation: int, failure: Failure | None = None) -> dict[str, Any]:
+                   now: str, observed_generation: int, failure: Failure | None = None,
+                   leaders_only: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The whole `.status` of a GLMDeployment.
 
-    desired: replicas asked for per role (router, prefill, decode); deployments: the Deployment per role as
-    read from the API (None when missing); now: RFC 3339 timestamp for changed conditions.
+    desired: replicas asked for per role (router, prefill, decode); deployments: the Deployment (or
+    LeaderWorkerSet) per role as read from the API (None when missing); now: RFC 3339 timestamp for changed
+    conditions; leaders_only: the roles whose groups span nodes.
     """
-    roles = {r: role_status(owner_name, r, deployments.get(r), desired[r]) for r in ROLES}
+    roles = {r: role_status(owner_name, r, deployments.get(r), desired[r], leaders_only=r in leaders_only)
+             for r in ROLES}
     summary = ", ".join(f"{r} {s['readyReplicas']}/{s['desiredReplicas']} ready" for r, s in roles.items())
 
     not_ready = [r for r, s in roles.items() if s["desiredReplicas"] < 1 or s["readyReplicas"] < s["desiredReplicas"]]

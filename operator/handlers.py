@@ -14,10 +14,10 @@ import kopf
 from glmserve.operator import naming
 from glmserve.operator.conditions import Failure
 from glmserve.operator.kube import KubeApi, KubeError, load_config
-from glmserve.operator.reconcile import (OwnershipError, delete_children, observe, reconcile_children,
-                                         refresh_status)
+from glmserve.operator.reconcile import (MissingApiError, OwnershipError, delete_children, observe,
+                                         reconcile_children, refresh_status)
 from glmserve.operator.schema import GROUP, KIND, PLURAL, VERSION
-from glmserve.operator.spec import SpecError, parse_spec
+from glmserve.operator.spec import SpecError, check_owner_name, parse_spec
 
 GLMD = (GROUP, VERSION, PLURAL)
 FINALIZER = "glmserve.io/cleanup"
@@ -72,12 +72,13 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: loggi
     old_status = dict(body.get("status") or {})
     try:
         spec = parse_spec(dict(body.get("spec") or {}))
+        check_owner_name(spec, owner.name)
     except SpecError as e:
         _fail(patch, body, memo.api, None, owner, old_status, Failure("InvalidSpec", str(e)))
         raise kopf.PermanentError(str(e)) from e  # retrying cannot help; the next spec edit runs again
     try:
         outcome = reconcile_children(memo.api, spec, owner)
-    except (KubeError, OwnershipError) as e:
+    except (KubeError, OwnershipError, MissingApiError) as e:
         _fail(patch, body, memo.api, spec, owner, old_status, Failure("ReconcileFailed", str(e)))
         raise kopf.TemporaryError(str(e), delay=RETRY_DELAY_S) from e
     if outcome.changed:
@@ -117,6 +118,17 @@ def cleanup(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
 def child_deployment_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Keep the owner's status current as pods become ready, roll or scale."""
+    _refresh_owner(body, memo, logger)
+
+
+# Roles spanning nodes. Without the LWS CRD in the cluster kopf only logs that it cannot serve this resource.
+@kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=CHILD_LABELS)
+def child_lws_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """Keep the owner's status current as groups become ready, roll or scale."""
+    _refresh_owner(body, memo, logger)
+
+
+def _refresh_owner(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger) -> None:
     for ref in body.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("controller"):
             try:

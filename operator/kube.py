@@ -26,6 +26,7 @@ PLURALS = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
     ("discovery.k8s.io/v1", "EndpointSlice"): "endpointslices",
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkersets",
     (API_VERSION, KIND): PLURAL,
 }
 

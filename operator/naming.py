@@ -16,6 +16,8 @@ APP_NAME = "glmserve"
 # fixed ports never clash.
 GRPC_PORT = {"prefill": 50061, "decode": 50071}
 HTTP_PORT = {"prefill": 8101, "decode": 8201}
+# Where the leader of a group spanning nodes hosts the torch.distributed rendezvous (--dist-init-addr).
+DIST_INIT_PORT = 29500
 
 # Annotation holding the hash of the desired manifest, so an unchanged child is never written again.
 SPEC_HASH_ANNOTATION = "glmserve.io/spec-hash"
@@ -53,6 +55,25 @@ def router_name(owner: str) -> str:
 def role_name(owner: str, role: str) -> str:
     """Deployment, headless Service, PodDisruptionBudget and HPA of a worker role share this name."""
     return f"{owner}-{role}"
+
+
+# A role that spans nodes is a LeaderWorkerSet. LWS names a StatefulSet `<lws>-<group>` per group (group < 256,
+# the CRD's replicas bound) and the StatefulSet controller labels its pods controller-revision-hash =
+# `<statefulset>-<hash of up to 10 characters>`, a label value of at most 63: so `<lws>` may have 63 - 11 - 4 = 48
+# characters, and the owner 48 - len("-prefill-lws") = 36 (the CRD's CEL rule says the same).
+LWS_SUFFIX = "-lws"
+MAX_LWS_NAME = 48
+MAX_OWNER_NAME_MULTI_NODE = MAX_LWS_NAME - len("-prefill") - len(LWS_SUFFIX)
+
+# Our own mark on the leader template: the role's headless Service selects leaders only, so the router sees one
+# address per group (the rank that serves gRPC), never the ranks that only compute.
+GROUP_LEADER_LABEL = {"glmserve.io/group-rank": "leader"}
+
+
+def lws_name(owner: str, role: str) -> str:
+    """The LeaderWorkerSet of a role spanning nodes: not the role's name, because LWS creates a headless Service
+    named after itself (for its pods' DNS names) and the role's own Service, `role_name`, selects leaders only."""
+    return f"{owner}-{role}{LWS_SUFFIX}"
 
 
 def engine_configmap_name(owner: str) -> str:

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmserve.operator import naming
+from glmserve.operator.build_lws import API_VERSION as LWS_API
 from glmserve.operator.build_servicemonitor import GROUP_VERSION as SERVICE_MONITOR_API
 from glmserve.operator.conditions import Failure, compute_status
 from glmserve.operator.kube import KubeApi
 from glmserve.operator.manifests import ChildKey, build_all, key_of, possible_children
 from glmserve.operator.schema import API_VERSION, KIND
-from glmserve.operator.spec import DeploymentSpec, SpecError, parse_spec
+from glmserve.operator.spec import DeploymentSpec, SpecError, check_owner_name, parse_spec
 
 # Degraded reasons that come from reconciling (not from the children): kept until a reconcile succeeds.
 RECONCILE_REASONS = ("ReconcileFailed", "InvalidSpec")
@@ -25,6 +26,23 @@ RECONCILE_REASONS = ("ReconcileFailed", "InvalidSpec")
 
 class OwnershipError(Exception):
     """A child's name is taken by an object this GLMDeployment does not own."""
+
+
+class MissingApiError(Exception):
+    """The spec needs a kind the cluster does not serve (LeaderWorkerSet without the LWS controller)."""
+
+
+# Child kinds that come from add-ons a cluster may lack: (apiVersion, plural).
+OPTIONAL_APIS = {SERVICE_MONITOR_API: "servicemonitors", LWS_API: "leaderworkersets"}
+
+
+def _require_lws(api: KubeApi, spec: DeploymentSpec) -> None:
+    spanning = [r for r in (spec.prefill, spec.decode) if r.topology.multi_node]
+    if spanning and not api.serves(LWS_API, "leaderworkersets"):
+        what = "; ".join(f"{r.name} spans {r.topology.nodes} nodes (tensorParallelSize {r.tensor_parallel_size}, "
+                         f"gpusPerNode {r.gpus_per_node})" for r in spanning)
+        raise MissingApiError(f"{what}, which needs the LeaderWorkerSet API ({LWS_API}) and it is not installed: "
+                              "install LWS (https://github.com/kubernetes-sigs/lws) or make each worker fit on one node")
 
 
 @dataclass
@@ -61,6 +79,7 @@ def _owned_by(obj: dict[str, Any], owner: naming.Owner) -> bool:
 
 def reconcile_children(api: KubeApi, spec: DeploymentSpec, owner: naming.Owner) -> Outcome:
     outcome = Outcome()
+    _require_lws(api, spec)
     sm_api = spec.monitoring.service_monitor and api.serves(SERVICE_MONITOR_API, "servicemonitors")
     desired = [with_hash(m) for m in build_all(spec, owner, service_monitor_api=sm_api)]
     for manifest in desired:
@@ -89,8 +108,9 @@ def delete_children(api: KubeApi, owner: naming.Owner) -> list[str]:
 
 def _delete(api: KubeApi, owner: naming.Owner, keys: list[ChildKey]) -> list[str]:
     gone = []
+    served = {v: api.serves(v, plural) for v, plural in OPTIONAL_APIS.items() if any(k.api_version == v for k in keys)}
     for key in keys:
-        if key.api_version == SERVICE_MONITOR_API and not api.serves(SERVICE_MONITOR_API, "servicemonitors"):
+        if not served.get(key.api_version, True):
             continue
         existing = api.get(key.api_version, key.kind, owner.namespace, key.name)
         if existing is not None and _owned_by(existing, owner):
@@ -112,16 +132,23 @@ def carried_failure(old_status: dict[str, Any] | None) -> Failure | None:
 
 def observe(api: KubeApi, spec: DeploymentSpec | None, owner: naming.Owner, old_status: dict[str, Any] | None,
             *, failure: Failure | None, observed_generation: int) -> dict[str, Any]:
-    """Read the three Deployments and compute the status (spec None: unparseable, nothing could be built)."""
+    """Read the three workloads and compute the status (spec None: unparseable, nothing could be built)."""
     deployments = {"router": api.get("apps/v1", "Deployment", owner.namespace, naming.router_name(owner.name))}
+    spanning = frozenset(r.name for r in (spec.prefill, spec.decode) if r.topology.multi_node) if spec else frozenset()
+    lws_served = bool(spanning) and api.serves(LWS_API, "leaderworkersets")
     for role in ("prefill", "decode"):
-        deployments[role] = api.get("apps/v1", "Deployment", owner.namespace, naming.role_name(owner.name, role))
+        if role not in spanning:
+            deployments[role] = api.get("apps/v1", "Deployment", owner.namespace, naming.role_name(owner.name, role))
+        else:  # counted in groups, like the replicas asked for
+            deployments[role] = api.get(LWS_API, "LeaderWorkerSet", owner.namespace,
+                                        naming.lws_name(owner.name, role)) if lws_served else None
     desired = {"router": spec.router.replicas if spec else 0, "prefill": spec.prefill.replicas if spec else 0,
                "decode": spec.decode.replicas if spec else 0}
     return compute_status(owner_name=owner.name, namespace=owner.namespace,
                           service_port=spec.router.service_port if spec else 80, desired=desired,
                           deployments=deployments, old_conditions=(old_status or {}).get("conditions"),
-                          now=now(), observed_generation=observed_generation, failure=failure)
+                          now=now(), observed_generation=observed_generation, failure=failure,
+                          leaders_only=spanning)
 
 
 def refresh_status(api: KubeApi, namespace: str, name: str) -> bool:
@@ -132,7 +159,9 @@ def refresh_status(api: KubeApi, namespace: str, name: str) -> bool:
     owner = naming.Owner.from_body(body)
     old = body.get("status") or {}
     try:
-        spec: DeploymentSpec | None = parse_spec(body.get("spec") or {})
+        parsed = parse_spec(body.get("spec") or {})
+        check_owner_name(parsed, owner.name)
+        spec: DeploymentSpec | None = parsed
     except SpecError:
         spec = None
     status = observe(api, spec, owner, old, failure=carried_failure(old),

@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from glmserve.operator import naming
 from glmserve.operator.schema import defaulted_spec
+from glmserve.operator.topology import PlacementError, Topology, place
 
 RoleName = Literal["prefill", "decode"]
 
@@ -106,6 +108,9 @@ class RoleSpec:
     autoscaling: Autoscaling
     pdb_enabled: bool
     pdb_max_unavailable: int
+    gpus_per_node: int
+    enable_expert_parallel: bool
+    topology: Topology  # one pod per worker, or a LeaderWorkerSet group spanning nodes
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,15 @@ def parse_spec(raw: dict[str, Any]) -> DeploymentSpec:
         raise SpecError(f"malformed spec: missing or wrong field {e}") from e
 
 
+def check_owner_name(spec: DeploymentSpec, owner_name: str) -> None:
+    """A role spanning nodes needs room in the GLMDeployment's name for its LeaderWorkerSet's suffixes (the CRD's
+    CEL rule checks the same where the API server runs it)."""
+    spanning = [r.name for r in (spec.prefill, spec.decode) if r.topology.multi_node]
+    if spanning and len(owner_name) > naming.MAX_OWNER_NAME_MULTI_NODE:
+        raise SpecError(f"name {owner_name!r} has {len(owner_name)} characters; at most "
+                        f"{naming.MAX_OWNER_NAME_MULTI_NODE} when a role spans several nodes ({', '.join(spanning)})")
+
+
 def _placement(d: dict[str, Any]) -> Placement:
     return Placement(dict(d.get("resources", {})), dict(d.get("nodeSelector", {})), tuple(d.get("tolerations", ())),
                      dict(d.get("affinity", {})), d.get("priorityClassName"))
@@ -206,12 +220,19 @@ def _autoscaling(d: dict[str, Any] | None) -> Autoscaling:
 
 
 def _role(name: RoleName, d: dict[str, Any]) -> RoleSpec:
+    try:
+        topology = place(d["tensorParallelSize"], d["gpus"], d["gpusPerNode"])
+    except PlacementError as e:  # the CRD's CEL rule says the same; this covers clusters without it
+        raise SpecError(f"{name}: {e}") from e
+    if d["enableExpertParallel"] and d["tensorParallelSize"] == 1:
+        raise SpecError(f"{name}: enableExpertParallel needs tensorParallelSize above 1")
     return RoleSpec(
         name=name, replicas=d["replicas"], tensor_parallel_size=d["tensorParallelSize"], gpus=d["gpus"],
         gpu_resource_name=d["gpuResourceName"], shm_size=d["shmSize"], drain_timeout_s=d["drainTimeoutSeconds"],
         termination_grace_s=d["terminationGracePeriodSeconds"], env=tuple(d.get("env", ())), placement=_placement(d),
         engine=_engine(d["engine"]), autoscaling=_autoscaling(d.get("autoscaling")),
         pdb_enabled=d["disruptionBudget"]["enabled"], pdb_max_unavailable=d["disruptionBudget"]["maxUnavailable"],
+        gpus_per_node=d["gpusPerNode"], enable_expert_parallel=d["enableExpertParallel"], topology=topology,
     )
 
 

@@ -45,6 +45,17 @@ def cel_errors(obj: dict[str, Any]) -> list[str]:
     env = celpy.Environment()
     failures: list[str] = []
 
+    def message(rule: dict[str, Any], value: Any) -> str:
+        """messageExpression when it evaluates to a string (as the API server does), else message."""
+        if "messageExpression" in rule:
+            try:
+                text = env.program(env.compile(rule["messageExpression"])).evaluate({"self": celpy.json_to_cel(value)})
+                if isinstance(text, str):
+                    return str(text)
+            except Exception:
+                pass
+        return rule["message"]
+
     def walk(schema: dict[str, Any], value: Any, path: str) -> None:
         for rule in schema.get("x-kubernetes-validations", []):
             program = env.program(env.compile(rule["rule"]))
@@ -55,7 +66,7 @@ def cel_errors(obj: dict[str, Any]) -> list[str]:
                 failures.append(f"{path}: {rule['message']} (error: {e})")
                 continue
             if isinstance(ok, celpy.CELEvalError) or not bool(ok):
-                failures.append(f"{path}: {rule['message']}")
+                failures.append(f"{path}: {message(rule, value)}")
         if isinstance(value, dict):
             for name, sub in (schema.get("properties") or {}).items():
                 if name in value:

@@ -53,8 +53,38 @@ CPU_DEMO = {
     "monitoring": {"serviceMonitor": {"enabled": False}},
 }
 
+# GLM-4.7 (355B, FP8) on one 8-GPU node per worker: TP 8 with the experts partitioned across the ranks.
+GLM47_ONE_NODE = {
+    "model": {"name": "glm-4.7", "source": {"pvc": {"claimName": "models", "path": "GLM-4.7-FP8"}}},
+    "router": {"toolCallParser": "glm47", "reasoningParser": "glm45"},
+    "prefill": {"tensorParallelSize": 8, "gpus": 8, "enableExpertParallel": True, "shmSize": "64Gi"},
+    "decode": {"tensorParallelSize": 8, "gpus": 8, "enableExpertParallel": True, "shmSize": "64Gi"},
+    "kvTransfer": {"backend": "nccl"},
+}
+
+# GLM-4.7 in bf16 across two 8-GPU nodes per worker (TP 16): LeaderWorkerSet groups of two pods.
+GLM47_TWO_NODES = {
+    "model": {"name": "glm-4.7", "source": {"pvc": {"claimName": "models", "path": "GLM-4.7"}}},
+    "prefill": {"replicas": 1, "tensorParallelSize": 16, "gpus": 16, "gpusPerNode": 8, "shmSize": "64Gi",
+                "resources": {"limits": {"rdma/ib": 1}},
+                "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}]},
+    "decode": {"replicas": 2, "tensorParallelSize": 16, "gpus": 16, "enableExpertParallel": True},
+    "kvTransfer": {"backend": "nccl"},
+}
+
+# One role per node, the other across four 4-GPU nodes, with an autoscaler on the groups.
+MIXED_FOUR_NODES = {
+    "model": {"name": "glm-4.6", "source": {"hub": {"repository": "zai-org/GLM-4.6", "cacheClaimName": "hf-cache"}}},
+    "prefill": {"tensorParallelSize": 4, "gpus": 4, "gpusPerNode": 4},
+    "decode": {"tensorParallelSize": 16, "gpus": 16, "gpusPerNode": 4,
+               "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "metric": "num_requests_waiting",
+                               "targetAverageValue": "8"}},
+}
+
 VALID_SPECS = {"minimal": MINIMAL, "tp4-hostpath": TENSOR_PARALLEL_HOSTPATH, "hub-autoscaled": HUB_AUTOSCALED,
-               "cpu-demo": CPU_DEMO}
+               "cpu-demo": CPU_DEMO, "glm47-one-node": GLM47_ONE_NODE}
+# Specs with a role spanning nodes (a LeaderWorkerSet instead of that role's Deployment).
+MULTI_NODE_SPECS = {"glm47-two-nodes": GLM47_TWO_NODES, "mixed-four-nodes": MIXED_FOUR_NODES}
 
 
 def glmd_object(spec: dict[str, Any], name: str = "demo") -> dict[str, Any]:

@@ -141,6 +141,7 @@ def _required() -> set[tuple[str, str, str]]:
         group = key.api_version.rpartition("/")[0]
         need |= {(group, PLURALS[(key.api_version, key.kind)], v) for v in ("get", "create", "patch", "delete")}
     need |= {("apps", "deployments", v) for v in ("list", "watch")}  # status follows the Deployments (kopf watch)
+    need |= {("leaderworkerset.x-k8s.io", "leaderworkersets", v) for v in ("list", "watch")}  # and LeaderWorkerSets
     need |= {("glmserve.io", "glmdeployments", v) for v in ("get", "list", "watch", "patch")}  # kopf + refresh
     need |= {("glmserve.io", "glmdeployments/status", "patch"), ("", "events", "create")}
     need |= _grants(ROUTER_RULES)  # RBAC lets the operator grant the router only what it holds itself

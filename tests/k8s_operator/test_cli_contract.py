@@ -12,12 +12,14 @@ from glmserve.operator.entry import run_operator
 from glmserve.operator.manifests import build_all
 from glmserve.operator.spec import parse_spec
 from tests.k8s_operator.chart_render import by_kind, render
-from tests.k8s_operator.samples import VALID_SPECS
+from tests.k8s_operator.lws_pods import pods_of
+from tests.k8s_operator.samples import MULTI_NODE_SPECS, VALID_SPECS
 
 cli = pytest.importorskip("glmserve.cli")
 
 # Spec fields whose flag the services do not have yet; each is dropped before parsing, and listed in the report.
-PENDING_FLAGS: dict[str, int] = {}
+# Tensor/expert parallelism across pods and nodes (issue 9): the engine side adds these flags (SGLang's names).
+PENDING_FLAGS: dict[str, int] = {"--enable-expert-parallel": 0, "--nnodes": 1, "--node-rank": 1, "--dist-init-addr": 1}
 OWNER = naming.Owner("demo", "team-a", "uid")
 
 
@@ -51,6 +53,23 @@ def test_service_command_lines_parse(spec_name):
     assert (a.command, a.host, a.port) == ("router", "0.0.0.0", c["ports"][0]["containerPort"])
     assert (a.discovery, a.namespace, a.grpc_port_name) == ("kubernetes", "team-a", "grpc")
     assert ("Service", a.prefill_service) in ms and ("Service", a.decode_service) in ms
+
+
+@pytest.mark.parametrize("spec_name", sorted(MULTI_NODE_SPECS))
+def test_every_pod_of_a_group_runs_a_command_line_that_parses(spec_name):
+    ms = {(m["kind"], m["metadata"]["name"]): m
+          for m in build_all(parse_spec(MULTI_NODE_SPECS[spec_name]), OWNER, service_monitor_api=False)}
+    groups = [m for (kind, _), m in ms.items() if kind == "LeaderWorkerSet"]
+    assert groups
+    for lws in groups:
+        role = lws["metadata"]["labels"]["app.kubernetes.io/component"]
+        for pod in pods_of(lws, replicas=2):
+            a = parse(pod.args())  # $(LWS_*) and $(POD_IP) substituted as the kubelet does
+            gpus = int(pod.env["LWS_GROUP_SIZE"]) * pod.container["resources"]["limits"]["nvidia.com/gpu"]
+            assert (a.command, a.advertise_host, a.tensor_parallel_size) == (role, pod.ip, gpus)
+            if pod.index == 0:
+                ports = {p["name"]: p["containerPort"] for p in pod.container["ports"]}
+                assert (a.grpc_port, a.http_port) == (ports["grpc"], ports["http"])
 
 
 def test_pending_flags_are_only_emitted_when_asked_for():
