@@ -1,4 +1,4 @@
-"""`glmserve serve` takes MTP speculative decoding; the split roles refuse it in one line until it works there."""
+"""MTP speculative decoding flags: `glmserve serve` and the split roles (prefill, decode) take every spelling."""
 
 from __future__ import annotations
 
@@ -26,7 +26,17 @@ def test_serve_refuses_steps_out_of_range(tmp_path, steps):
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_split_workers_refuse_mtp_in_one_line(tmp_path, role):
-    args = _parse(role, "--model", "/m/tiny", "--speculative-algorithm", "mtp")
-    with pytest.raises(SystemExit, match="not supported yet across the prefill/decode split"):
-        worker_config(args, role, tmp_path)
+@pytest.mark.parametrize("argv", [["--speculative-algorithm", "mtp", "--speculative-num-steps", "2"],
+                                  ["--speculative-config", '{"method":"mtp","num_speculative_tokens":2}'],
+                                  ["--mtp-step", "2"], ["--mtp_step", "2"]])
+def test_split_workers_take_mtp_in_every_spelling(tmp_path, role, argv):
+    args = cli._parse([role, "--model", "/m/tiny", *argv])
+    cfg = worker_config(args, role, tmp_path).engine
+    assert (cfg.speculative_algorithm, cfg.speculative_num_steps, cfg.with_mtp) == ("mtp", 2, True)
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_split_workers_refuse_bad_mtp_settings_in_one_line(role, capsys):
+    with pytest.raises(SystemExit):
+        cli._parse([role, "--model", "/m/tiny", "--speculative-config", '{"method":"mtp","num_speculative_tokens":7}'])
+    assert "num_speculative_tokens must be an integer in 1..4" in capsys.readouterr().err
