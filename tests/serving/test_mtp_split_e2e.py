@@ -102,3 +102,31 @@ def test_leaving_mid_stream_frees_every_block(served):
         time.sleep(0.25)
     # ...and the workers still serve.
     assert _ids(client, model, prompts[0], stream=False) == served[5][0]
+
+
+def test_bench_reports_the_decode_workers_acceptance(served, tmp_path):
+    import argparse
+
+    from glmserve.bench import cli as bench
+
+    dep, _, model, _, _, _ = served
+    urls = worker_urls(dep, "decode")
+
+    def totals():
+        counters = [spec_counters(u) for u in urls]
+        return [sum(c.get((f"glmserve:spec_decode_{n}_total", None), 0) for c in counters)
+                for n in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")]
+
+    before = totals()
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    result = tmp_path / "bench.json"
+    args = parser.parse_args(["--base-url", dep.base_url, "--model", model, "--num-prompts", "4",
+                              "--random-input-len", "8", "--random-output-len", "8", "--ignore-eos", "--disable-tqdm",
+                              "--result-file", str(result), *[a for u in urls for a in ("--metrics-url", u + "/metrics")]])
+    assert bench.run(args) == 0
+    drafts, draft_tokens, accepted = (a - b for a, b in zip(totals(), before))
+    spec = json.loads(result.read_text())["spec_decode"]
+    assert (spec["num_drafts"], spec["num_draft_tokens"], spec["num_accepted_tokens"]) == (drafts, draft_tokens, accepted)
+    assert drafts > 0 and spec["mean_acceptance_length"] == pytest.approx(1 + accepted / drafts)
+    assert len(spec["per_position_acceptance_rate"]) == K
