@@ -6,6 +6,8 @@ also when either side serves part of the prompt from its prefix cache."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -29,10 +31,10 @@ def model_dir(request, tmp_path_factory):
     return build_tiny_model(request.param, tmp_path_factory.mktemp("mtp_split") / "m", seed=7)
 
 
-def make_engine(model_dir, mtp=True):
+def make_engine(model_dir, mtp=True, chunk=64):
     cfg = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", show_progress=False,
                        cache=CacheConfig(block_size=BS, num_blocks=48),
-                       scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, chunked_prefill_size=64),
+                       scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, chunked_prefill_size=chunk),
                        speculative_algorithm="mtp" if mtp else "none", speculative_num_steps=K)
     return LLMEngine(cfg)
 
@@ -80,20 +82,26 @@ def tokens(outputs, rid="r"):
     return [t for o in outputs if o.request_id == rid for t in o.new_token_ids]
 
 
-@pytest.mark.parametrize("cached_on", [None, "prefill", "decode"])
-def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on):
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=4, max_tokens=NEW, ignore_eos=True)
+
+
+@pytest.mark.parametrize("cached_on, params, chunk", [(None, GREEDY, 64), ("prefill", GREEDY, 64),
+                                                      ("decode", GREEDY, 64), (None, GREEDY, 5), (None, SAMPLED, 64)],
+                         ids=["plain", "prefill-cache-hit", "decode-cache-hit", "chunked-prefill", "seeded-sampling"])
+def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on, params, chunk):
     one = make_engine(model_dir)
     if cached_on:  # the same prefix-cache history as the side that holds it
         one.add_request("earlier", EARLIER, GREEDY)
         one.run_until_done()
     want_drafts = record_drafts(one)
-    one.add_request("r", PROMPT, GREEDY)
+    one.add_request("r", PROMPT, params)
     want = tokens(one.run_until_done())
-    plain = make_engine(model_dir, mtp=False)
-    plain.add_request("r", PROMPT, GREEDY)
-    assert want == tokens(plain.run_until_done())
+    if params is GREEDY:
+        plain = make_engine(model_dir, mtp=False)
+        plain.add_request("r", PROMPT, params)
+        assert want == tokens(plain.run_until_done())
 
-    prefill, decode = make_engine(model_dir), make_engine(model_dir)
+    prefill, decode = make_engine(model_dir, chunk=chunk), make_engine(model_dir)
     decode.scheduler.kv_connector = Connector()
     for side in (prefill, decode):
         if side is (prefill if cached_on == "prefill" else decode if cached_on == "decode" else None):
@@ -105,7 +113,7 @@ def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on):
     prefill.step_observer = streamer
     got_drafts = record_drafts(decode)
 
-    decode.add_request("r", PROMPT, GREEDY, remote_prefill=True)
+    decode.add_request("r", PROMPT, params, remote_prefill=True)
     decode.step()
     req = decode.requests["r"]
     local = req.num_computed_tokens
@@ -113,7 +121,7 @@ def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on):
     sender = CopySender(decode.runner.kv_caches, req.block_ids)
     transfer = Transfer(sender, 1, sent_upto=local, mtp=True)
     streamer.register("r", transfer)
-    prefill.add_request("r", PROMPT, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    prefill.add_request("r", PROMPT, dataclasses.replace(params, max_tokens=1))  # P samples token 1 only
     first = tokens(prefill.run_until_done())
     assert len(first) == 1 and prefill.pool.num_used == 0
     n_layers = prefill.model_config.num_hidden_layers
