@@ -56,8 +56,9 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         except ValueError as exc:
             return _error(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False)
         if request.mtp and not self.mtp:
+            # Not retriable: a deployment whose roles disagree is misconfigured; say so at once, on every request.
             return _error(pb.ERROR_CODE_PREFILL_FAILED, "the decode worker drafts with MTP but this prefill worker "
-                          "was started without it: give prefill workers the same --speculative-algorithm mtp", True)
+                          "was started without it: give prefill workers the same --speculative-algorithm mtp", False)
         dst_cached = request.num_dst_cached_blocks * request.block_size
         if dst_cached >= len(request.token_ids):
             return _error(pb.ERROR_CODE_INVALID_REQUEST, f"the decode worker holds {dst_cached} of the "

@@ -27,7 +27,7 @@ def _prefill_service(mtp: bool) -> PrefillService:
 def test_prefill_without_mtp_refuses_a_decode_worker_that_drafts():
     req = pb.PrefillRequest(request_id="r", token_ids=[1, 2, 3], block_size=16, mtp=True)
     resp = asyncio.run(_prefill_service(mtp=False).Prefill(req, None))
-    assert resp.status.code == pb.ERROR_CODE_PREFILL_FAILED and resp.status.retriable
+    assert resp.status.code == pb.ERROR_CODE_PREFILL_FAILED and not resp.status.retriable
     assert "--speculative-algorithm mtp" in resp.status.message
 
 
