@@ -31,11 +31,11 @@ def model_dir(request, tmp_path_factory):
     return build_tiny_model(request.param, tmp_path_factory.mktemp("mtp_split") / "m", seed=7)
 
 
-def make_engine(model_dir, mtp=True, chunk=64):
+def make_engine(model_dir, mtp=True, chunk=64, k=K):
     cfg = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", show_progress=False,
                        cache=CacheConfig(block_size=BS, num_blocks=48),
                        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, chunked_prefill_size=chunk),
-                       speculative_algorithm="mtp" if mtp else "none", speculative_num_steps=K)
+                       speculative_algorithm="mtp" if mtp else "none", speculative_num_steps=k)
     return LLMEngine(cfg)
 
 
@@ -85,11 +85,12 @@ def tokens(outputs, rid="r"):
 SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, seed=4, max_tokens=NEW, ignore_eos=True)
 
 
-@pytest.mark.parametrize("cached_on, params, chunk", [(None, GREEDY, 64), ("prefill", GREEDY, 64),
-                                                      ("decode", GREEDY, 64), (None, GREEDY, 5), (None, SAMPLED, 64)],
-                         ids=["plain", "prefill-cache-hit", "decode-cache-hit", "chunked-prefill", "seeded-sampling"])
-def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on, params, chunk):
-    one = make_engine(model_dir)
+@pytest.mark.parametrize("cached_on, params, chunk, k", [
+    (None, GREEDY, 64, K), (None, GREEDY, 64, 1), (None, GREEDY, 64, 4), ("prefill", GREEDY, 64, K),
+    ("decode", GREEDY, 64, K), (None, GREEDY, 5, K), (None, SAMPLED, 64, K)],
+    ids=["plain", "k1", "k4", "prefill-cache-hit", "decode-cache-hit", "chunked-prefill", "seeded-sampling"])
+def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on, params, chunk, k):
+    one = make_engine(model_dir, k=k)
     if cached_on:  # the same prefix-cache history as the side that holds it
         one.add_request("earlier", EARLIER, GREEDY)
         one.run_until_done()
@@ -101,7 +102,7 @@ def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on, params,
         plain.add_request("r", PROMPT, params)
         assert want == tokens(plain.run_until_done())
 
-    prefill, decode = make_engine(model_dir, chunk=chunk), make_engine(model_dir)
+    prefill, decode = make_engine(model_dir, chunk=chunk, k=k), make_engine(model_dir, k=k)
     decode.scheduler.kv_connector = Connector()
     for side in (prefill, decode):
         if side is (prefill if cached_on == "prefill" else decode if cached_on == "decode" else None):
@@ -149,3 +150,51 @@ def test_a_transfer_without_mtp_gets_only_the_decoder_layers(model_dir):
     prefill.add_request("r", PROMPT, SamplingParams(temperature=0.0, max_tokens=1))
     prefill.run_until_done()
     assert sender.layers_sent == set(range(n_layers)) and transfer.last_hidden is None
+
+
+def test_accepted_drafts_after_a_remote_prefill(model_dir):
+    """Random MTP weights rarely guess right: drafts are replaced by the true continuation (one wrong token
+    every third step), on one engine and on the decode side alike, so runs of accepted tokens, starting with
+    the first verify step after the transfer, are checked too."""
+    plain = make_engine(model_dir, mtp=False)
+    plain.add_request("r", PROMPT, GREEDY)
+    truth = tokens(plain.run_until_done())
+
+    def use_oracle(engine):
+        spec, original = engine.speculator, engine.speculator._draft
+
+        def draft(jobs, hidden):
+            original(jobs, hidden)
+            for rid, d in list(spec.drafts.items()):
+                n_out = engine.requests[rid].num_output_tokens
+                good = list(truth[n_out : n_out + len(d)])
+                if good and n_out % 3 == 2:
+                    good[-1] = (good[-1] + 1) % engine.model_config.vocab_size
+                spec.drafts[rid] = good or d
+
+        spec._draft = draft
+
+    one = make_engine(model_dir)
+    use_oracle(one)
+    one.add_request("r", PROMPT, GREEDY)
+    assert tokens(one.run_until_done()) == truth
+
+    prefill, decode = make_engine(model_dir), make_engine(model_dir)
+    decode.scheduler.kv_connector = Connector()
+    use_oracle(decode)
+    prefill.speculator = None
+    streamer = KVStreamer(prefill.runner.kv_caches, prefill.model_config.num_hidden_layers, PromptMTP(prefill))
+    prefill.step_observer = streamer
+    decode.add_request("r", PROMPT, GREEDY, remote_prefill=True)
+    decode.step()
+    req = decode.requests["r"]
+    transfer = Transfer(CopySender(decode.runner.kv_caches, req.block_ids), 1, mtp=True)
+    streamer.register("r", transfer)
+    prefill.add_request("r", PROMPT, dataclasses.replace(GREEDY, max_tokens=1))
+    first = tokens(prefill.run_until_done())
+    decode.remote_kv_arrived("r", SampledToken(first[0]), 0, mtp_hidden=transfer.last_hidden)
+    assert first + tokens(decode.run_until_done()) == truth
+    got, want = decode.speculator.stats, one.speculator.stats
+    assert got.num_accepted_tokens > 0
+    assert (got.num_drafts, got.num_accepted_tokens, got.accepted_per_position) == \
+        (want.num_drafts, want.num_accepted_tokens, want.accepted_per_position)
