@@ -31,10 +31,10 @@ class Transfer:
 
 
 class KVStreamer:
-    def __init__(self, kv_caches, num_layers: int, prompt_mtp=None):
-        """num_layers: the decoder's layers (kv_caches has one more, the MTP layer's, with prompt_mtp)."""
+    def __init__(self, kv_caches, prompt_mtp=None):
+        """With prompt_mtp, the last of kv_caches is the MTP layer's, sent only to transfers that ask for it."""
         self.kv_caches = kv_caches
-        self.num_layers = num_layers
+        self.num_layers = prompt_mtp.layer if prompt_mtp is not None else len(kv_caches)  # the decoder's layers
         self.prompt_mtp = prompt_mtp
         if prompt_mtp is not None:
             self.after_sample = self._after_sample  # the engine passes hidden states to observers that have it

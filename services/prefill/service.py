@@ -41,8 +41,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         # prompt instead and sends that layer's KV and the last hidden state to D (prompt_mtp.py).
         self.mtp = self.engine.speculator is not None
         self.engine.speculator = None
-        self.streamer = KVStreamer(self.engine.runner.kv_caches, self.engine.model_config.num_hidden_layers,
-                                   PromptMTP(self.engine) if self.mtp else None)
+        self.streamer = KVStreamer(self.engine.runner.kv_caches, PromptMTP(self.engine) if self.mtp else None)
         self.engine.step_observer = self.streamer
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:

@@ -110,7 +110,7 @@ def test_decode_drafts_and_tokens_equal_one_engine(model_dir, cached_on, params,
             side.run_until_done()
     # What PrefillService does: no drafting on P, the MTP pass and streamer as its step observer.
     prefill.speculator = None
-    streamer = KVStreamer(prefill.runner.kv_caches, prefill.model_config.num_hidden_layers, PromptMTP(prefill))
+    streamer = KVStreamer(prefill.runner.kv_caches, PromptMTP(prefill))
     prefill.step_observer = streamer
     got_drafts = record_drafts(decode)
 
@@ -141,7 +141,7 @@ def test_a_transfer_without_mtp_gets_only_the_decoder_layers(model_dir):
     prefill = make_engine(model_dir)
     prefill.speculator = None
     n_layers = prefill.model_config.num_hidden_layers
-    streamer = KVStreamer(prefill.runner.kv_caches, n_layers, PromptMTP(prefill))
+    streamer = KVStreamer(prefill.runner.kv_caches, PromptMTP(prefill))
     prefill.step_observer = streamer
     sink = make_engine(model_dir, mtp=False)
     sender = CopySender(sink.runner.kv_caches, list(range(8)))
@@ -183,7 +183,7 @@ def test_accepted_drafts_after_a_remote_prefill(model_dir):
     decode.scheduler.kv_connector = Connector()
     use_oracle(decode)
     prefill.speculator = None
-    streamer = KVStreamer(prefill.runner.kv_caches, prefill.model_config.num_hidden_layers, PromptMTP(prefill))
+    streamer = KVStreamer(prefill.runner.kv_caches, PromptMTP(prefill))
     prefill.step_observer = streamer
     decode.add_request("r", PROMPT, GREEDY, remote_prefill=True)
     decode.step()

@@ -83,6 +83,42 @@ def test_decode_workers_count_drafts(served):
     assert not spec_counters(worker_urls(dep, "prefill")[0])  # the prefill worker never drafts
 
 
+def wait_all_blocks_free(dep, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        loads = {u: httpx.get(u + "/load", timeout=10).json() for u in worker_urls(dep, "decode") + worker_urls(dep, "prefill")}
+        if all(s["kv_cache_usage_perc"] == 0 and s["num_requests_running"] == 0 and s["num_requests_waiting"] == 0
+               for s in loads.values()):
+            return
+        assert time.monotonic() < deadline, f"KV blocks still held: {loads}"
+        time.sleep(0.25)
+
+
+def test_leaving_at_any_stage_frees_every_block(served):
+    """Clients that go away after a random time: queued, during the KV transfer (MTP layer included),
+    after the first drafts, mid-decode."""
+    import asyncio
+    import random
+
+    dep, _, model, _, _, _ = served
+    rng = random.Random(7)
+
+    async def one(client, i):
+        body = {"model": model, "prompt": [rng.randrange(1, 200) for _ in range(rng.randint(5, 120))],
+                "max_tokens": 64, "temperature": 0 if i % 2 else 0.8, "seed": i, "ignore_eos": True, "stream": i % 3 == 0}
+        try:
+            await asyncio.wait_for(client.post("/v1/completions", json=body), rng.uniform(0.0, 1.5))
+        except asyncio.TimeoutError:
+            pass
+
+    async def run():
+        async with httpx.AsyncClient(base_url=dep.base_url, timeout=120) as client:
+            await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    asyncio.run(run())
+    wait_all_blocks_free(dep)
+
+
 def test_leaving_mid_stream_frees_every_block(served):
     dep, client, model, _, prompts, _ = served
     stream = client.completions.create(model=model, prompt=prompts[1] * 3, max_tokens=400, temperature=0, stream=True,
@@ -93,13 +129,7 @@ def test_leaving_mid_stream_frees_every_block(served):
         if received >= 3:
             break
     stream.close()
-    deadline = time.monotonic() + 30
-    while True:
-        loads = {u: httpx.get(u + "/load", timeout=10).json() for u in worker_urls(dep, "decode") + worker_urls(dep, "prefill")}
-        if all(s["kv_cache_usage_perc"] == 0 and s["num_requests_running"] == 0 for s in loads.values()):
-            break
-        assert time.monotonic() < deadline, f"KV blocks still held: {loads}"
-        time.sleep(0.25)
+    wait_all_blocks_free(dep)
     # ...and the workers still serve.
     assert _ids(client, model, prompts[0], stream=False) == served[5][0]
 
