@@ -16,6 +16,16 @@ LWS_LEADER_ADDRESS_REF = "$(LWS_LEADER_ADDRESS)"
 LWS_WORKER_INDEX_REF = "$(LWS_WORKER_INDEX)"
 
 
+def speculative_args(spec: DeploymentSpec, role: RoleSpec) -> list[str]:
+    """The role's own speculative settings; prefill workers also run MTP whenever the decode workers draft
+    with it (they compute the MTP layer's KV over the prompt for them; a prefill worker without it is refused)."""
+    e = role.engine
+    d = spec.decode.engine
+    if role.name == "prefill" and d.speculative_algorithm == "mtp":
+        e = d
+    return ["--speculative-algorithm", e.speculative_algorithm, "--speculative-num-steps", str(e.speculative_num_steps)]
+
+
 def worker_args(spec: DeploymentSpec, role: RoleSpec, model_path: str) -> list[str]:
     e = role.engine
     args = [
@@ -30,8 +40,7 @@ def worker_args(spec: DeploymentSpec, role: RoleSpec, model_path: str) -> list[s
         "--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching",
         f"--{role.name}-attention-backend", e.attention_backend,
         "--cuda-graph-max-batch-size", str(e.cuda_graph_max_batch_size),
-        "--speculative-algorithm", e.speculative_algorithm,
-        "--speculative-num-steps", str(e.speculative_num_steps),
+        *speculative_args(spec, role),
         "--drain-timeout", str(role.drain_timeout_s),
         "--no-progress",  # no progress bars in pod logs
     ]

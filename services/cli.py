@@ -207,14 +207,14 @@ def _subcommand_index(argv: list[str]) -> int:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    """Parse argv; `serve` and `up` first take vLLM/LightLLM spellings (cli_compat), and an unknown flag is
+    """Parse argv; `serve`, `up` and the workers first take vLLM/LightLLM spellings (cli_compat), and an unknown flag is
     reported with the subcommand's own usage rather than the top-level one."""
     from glmserve.cli_compat import translate
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     i = _subcommand_index(argv)
-    if i < len(argv) and argv[i] in ("serve", "up"):
+    if i < len(argv) and argv[i] in ("serve", "up", "prefill", "decode"):
         sub = commands[argv[i]]
         known = {opt: a.nargs != 0 for a in sub._actions for opt in a.option_strings}
         res = translate(argv[i + 1:], known)

@@ -100,12 +100,9 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
 
 def check_engine_args(args: argparse.Namespace, single_process: bool = False) -> None:
     """Refuse, in one line, engine flags that are accepted by the parser but not implemented yet.
-    single_process: `glmserve serve`, where MTP speculative decoding works (not yet across the split)."""
+    single_process: `glmserve serve` (MTP speculative decoding works there and across the split alike)."""
     if args.tensor_parallel_size != 1:
         raise SystemExit("--tensor-parallel-size > 1 is not supported yet")
-    if args.speculative_algorithm != "none" and not single_process:
-        raise SystemExit("--speculative-algorithm mtp is not supported yet across the prefill/decode split "
-                         "(it works with `glmserve serve`)")
     if args.speculative_algorithm == "none" and args.speculative_num_steps != ENGINE_DEFAULTS["speculative_num_steps"]:
         raise SystemExit("--speculative-num-steps needs --speculative-algorithm mtp")
     if not 1 <= args.speculative_num_steps <= MAX_SPECULATIVE_TOKENS:

@@ -14,7 +14,8 @@ from glmserve import cli
 from glmserve.cli_args import add_engine_args
 from glmserve.launcher import process_specs
 
-REFUSED = {"--speculative-algorithm", "--speculative-num-steps", "--tensor-parallel-size"}  # not implemented yet
+# Not implemented yet, or (--speculative-num-steps) only valid with another flag: see the MTP test below.
+REFUSED = {"--speculative-num-steps", "--tensor-parallel-size"}
 
 
 def _engine_actions() -> list[argparse.Action]:
@@ -79,7 +80,6 @@ def test_defaults_pass_no_engine_flags_but_split_the_cores():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--speculative-algorithm", "mtp"], "--speculative-algorithm mtp is not supported yet"),
     (["--speculative-num-steps", "2"], "--speculative-num-steps needs --speculative-algorithm mtp"),
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size > 1 is not supported yet"),
     (["--decode", "0"], "--prefill and --decode need at least 1 worker each"),
@@ -88,6 +88,17 @@ def test_flags_not_implemented_yet_are_refused_before_anything_starts(argv, mess
     up = cli.build_parser().parse_args(["up", *argv])
     with pytest.raises(SystemExit, match=message):
         cli.up_plan(up, "/m/tiny")
+
+
+@pytest.mark.parametrize("argv", [["--speculative-algorithm", "mtp", "--speculative-num-steps", "3"],
+                                  ["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 3}'],
+                                  ["--mtp-step", "3"], ["--mtp_step", "3"]])
+def test_mtp_settings_reach_both_roles(argv):
+    up = cli._parse(["up", "--model", "/m/tiny", *argv])
+    specs = process_specs(cli.up_plan(up, "/m/tiny"), iter(range(30000, 30100)))
+    workers = [cli._parse(list(s.args)) for s in specs if s.name != "router"]
+    assert {w.command for w in workers} == {"prefill", "decode"}
+    assert all((w.speculative_algorithm, w.speculative_num_steps) == ("mtp", 3) for w in workers)
 
 
 def test_up_takes_exactly_serves_flags_plus_worker_counts():

@@ -18,7 +18,9 @@ from glmserve.bench.driver import drive
 from glmserve.bench.fit import fit_lengths, server_max_model_len
 from glmserve.bench.metrics import compute_metrics
 from glmserve.bench.options import normalize_options
-from glmserve.bench.report import DEFAULT_PERCENTILE_METRICS, build_result, format_report, write_result
+from glmserve.bench.report import DEFAULT_PERCENTILE_METRICS, WIDTH, build_result, format_report, write_result
+from glmserve.bench.spec_decode import format_section as format_spec_decode
+from glmserve.bench.spec_decode import scrape as scrape_spec_decode
 
 # Long generations on a CPU model can take many minutes; only a stalled connection should fail a request.
 _READ_TIMEOUT_S = 600.0
@@ -78,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric-percentiles", default="99", help="percentiles reported, e.g. 50,90,99")
     parser.add_argument("--label", default=None, help="free-form name stored in the JSON result")
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    parser.add_argument("--metrics-url", action="append", default=None,
+                        help="Prometheus endpoint scraped before and after the run for the speculative-decoding "
+                             "counters (repeatable; default: BASE_URL/metrics; under `glmserve up` give each decode "
+                             "worker's http://HOST:HTTP_PORT/metrics)")
 
 
 def _load_tokenizer(path: str | None) -> TextTokenizer | None:
@@ -143,19 +149,30 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"Sending {len(requests)} requests to {args.base_url.rstrip('/')}{args.endpoint} "
           f"(request rate {args.request_rate}, max concurrency {args.max_concurrency})")
+    metrics_urls = args.metrics_url or [args.base_url.rstrip("/") + "/metrics"]
+    spec_before, scrape_errors = scrape_spec_decode(metrics_urls)
     try:
         outputs, duration = asyncio.run(_send_all(args, requests))
     except ValueError as exc:  # bad --request-rate / --max-concurrency, found by the driver
         print(f"glmserve bench: {exc}", file=sys.stderr)
         return 1
+    spec_after, more_errors = scrape_spec_decode(metrics_urls)
+    if args.metrics_url:  # asked for explicitly: say which could not be read (the default may not exist)
+        for error in dict.fromkeys(scrape_errors + more_errors):
+            print(f"glmserve bench: --metrics-url {error}", file=sys.stderr)
+    spec = (spec_after - spec_before).summary() if spec_before is not None and spec_after is not None else None
     metrics = compute_metrics(requests, outputs, duration, tokenizer, args.percentiles)
     print(format_report(metrics, args.max_concurrency, args.request_rate, args.sections))
+    if spec is not None:
+        print("\n".join(format_spec_decode(spec, WIDTH) + ["=" * WIDTH]))
     first_error = next((o.error for o in outputs if not o.success), None)
     if first_error:
         print(f"first error: {first_error}", file=sys.stderr)
     if args.result_file:
         Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
         arguments = {k: v for k, v in vars(args).items() if not callable(v)}  # drop a wired-in handler
-        write_result(args.result_file, build_result(metrics, outputs, arguments, args.label))
+        result = build_result(metrics, outputs, arguments, args.label)
+        result["spec_decode"] = spec  # None when the servers export no speculative-decoding counters
+        write_result(args.result_file, result)
         print(f"result written to {args.result_file}")
     return 0 if metrics.completed else 1

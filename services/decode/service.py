@@ -33,6 +33,7 @@ from glmserve.worker.config import WorkerConfig
 from glmserve.worker.kv_device import kv_link_device
 from glmserve.worker.grpc_options import insecure_channel
 from glmserve.worker.lifecycle import Lifecycle
+from glmserve.worker.mtp_hidden import hidden_from_bytes
 from glmserve.worker.load import load_report
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         # engine (freeing its blocks, after cancelling any transfer into them).
         async with contextlib.aclosing(stream):
             allocated = await self._admitted(stream, len(prompt))
-            first, cached = await self._prefill(request, prompt, allocated)
-            self.async_engine.remote_kv_arrived(rid, first, cached)
+            first, cached, mtp_hidden = await self._prefill(request, prompt, allocated)
+            self.async_engine.remote_kv_arrived(rid, first, cached, mtp_hidden)
             first_chunk = True
             async for out in stream:
                 chunk = pb.TokenChunk(request_id=rid, token_ids=out.new_token_ids,
@@ -147,7 +148,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         blocks, local = allocated.block_ids, allocated.num_local_cached_tokens
         rx = self.link_server.receiver(address)
         tid = rx.new_transfer_id()
-        num_layers = self.engine.model_config.num_hidden_layers
+        mtp = self.engine.speculator is not None  # P also sends the MTP layer's KV (one more layer)
+        num_layers = self.engine.model_config.num_hidden_layers + mtp
         handle = self.connector.start_transfer(
             rid, lambda: rx.expect(tid, self.engine.runner.kv_caches, blocks, len(prompt), num_layers, first_token=local))
         want_logprobs = request.sampling.HasField("logprobs")
@@ -155,7 +157,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         block_size = self.engine.pool.block_size
         preq = pb.PrefillRequest(request_id=rid, token_ids=prompt, sampling=request.sampling, kv_link=kv_link,
                                  dst_block_ids=blocks, block_size=block_size, transfer_id=tid,
-                                 num_dst_cached_blocks=local // block_size)
+                                 num_dst_cached_blocks=local // block_size, mtp=mtp)
         self._prefill_of[rid] = address
         done = False
         try:
@@ -163,9 +165,11 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             if resp.status.code != pb.ERROR_CODE_OK:
                 raise RequestFailed(resp.status.code, f"prefill {address}: {resp.status.message}", resp.status.retriable)
             await asyncio.wait_for(asyncio.wrap_future(handle.future), self.cfg.kv_timeout)
+            hidden = self._mtp_hidden(resp, address) if mtp else None
             done = True
             self.metrics.get("kv_transfer_reused_tokens").inc(local)
-            return sampled_from_pb(resp.first_token_id, resp.first_token_logprob, want_logprobs), resp.cached_tokens
+            return (sampled_from_pb(resp.first_token_id, resp.first_token_logprob, want_logprobs), resp.cached_tokens,
+                    hidden)
         except grpc.aio.AioRpcError as exc:
             raise RequestFailed(pb.ERROR_CODE_PREFILL_FAILED, f"prefill worker {address}: {exc.code().name} "
                                 f"{exc.details()}", True) from exc
@@ -178,6 +182,13 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             if not done:
                 handle.cancel()  # nothing more lands in these blocks once this returns
                 asyncio.ensure_future(self._cancel_prefill(address, rid))
+
+    def _mtp_hidden(self, resp: pb.PrefillResponse, address: str):
+        try:
+            return hidden_from_bytes(resp.mtp_hidden, self.engine.model_config.hidden_size, self.engine.loaded.dtype)
+        except ValueError as exc:
+            raise RequestFailed(pb.ERROR_CODE_PREFILL_FAILED, f"prefill {address}: {exc}; prefill and decode workers "
+                                "need the same model and --speculative-algorithm mtp", False) from None
 
     async def _cancel_prefill(self, address: str, rid: str) -> None:
         try:

@@ -33,6 +33,7 @@ class _RemoteKVArrived:
     request_id: str
     first_token: SampledToken
     num_cached_tokens: int
+    mtp_hidden: object = None  # torch.Tensor: MTP speculative decoding's first drafts start from it
 
 
 @dataclass
@@ -102,8 +103,9 @@ class AsyncEngine:
         async for item in self._stream(request_id, command):
             yield item
 
-    def remote_kv_arrived(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> None:
-        self._commands.put(_RemoteKVArrived(request_id, first_token, num_cached_tokens))
+    def remote_kv_arrived(self, request_id: str, first_token: SampledToken, num_cached_tokens: int,
+                          mtp_hidden=None) -> None:
+        self._commands.put(_RemoteKVArrived(request_id, first_token, num_cached_tokens, mtp_hidden))
 
     async def prepare(self, params: SamplingParams) -> None:
         """Compile the request's grammar on a helper thread (never on the event loop nor the engine
@@ -162,7 +164,8 @@ class AsyncEngine:
                 self.deliver(cmd.request_id, exc)
         elif isinstance(cmd, _RemoteKVArrived):
             try:
-                req = self.engine.remote_kv_arrived(cmd.request_id, cmd.first_token, cmd.num_cached_tokens)
+                req = self.engine.remote_kv_arrived(cmd.request_id, cmd.first_token, cmd.num_cached_tokens,
+                                                    cmd.mtp_hidden)
                 self.deliver(cmd.request_id, EngineOutput(
                     # The token that just arrived is the last one (a migrated request's prompt ends with
                     # earlier output, so it is not at num_prompt_tokens).

@@ -107,9 +107,11 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
-    def remote_kv_arrived(self, request_id: str, first_token: SampledToken, num_cached_tokens: int = 0) -> Request:
+    def remote_kv_arrived(self, request_id: str, first_token: SampledToken, num_cached_tokens: int = 0,
+                          mtp_hidden: torch.Tensor | None = None) -> Request:
         """The prompt's KV of a remote-prefill request is in its blocks and the prefill worker sampled
-        its first token: it joins the running batch and decodes from token 2."""
+        its first token: it joins the running batch and decodes from token 2. mtp_hidden (MTP speculative
+        decoding): the target's hidden state at the last prompt position, which the first drafts start from."""
         req = self.requests.get(request_id)
         if req is None or req.status is not RequestStatus.WAITING_FOR_REMOTE_KVS:
             raise RequestError(f"request {request_id!r} is not waiting for remote KV (aborted?)")
@@ -126,6 +128,8 @@ class LLMEngine:
             self.scheduler.finish(req)
             self.requests.pop(request_id, None)
             self.structured.remove(request_id)
+        elif self.speculator is not None and mtp_hidden is not None:
+            self.speculator.draft_after_remote_prefill(req, mtp_hidden)
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -153,7 +157,9 @@ class LLMEngine:
         grammars = bool(self.structured.grammars)  # skip the per-request work when no request has one
         masks = (self.structured.begin_masks([c.request.request_id for c in plan.chunks if c.completes_sequence])
                  if grammars else None)
-        result = self.runner.execute(plan.chunks, on_layer_done)
+        # An observer with `after_sample` (the MTP prefill worker) also gets the hidden states.
+        after_sample = getattr(observer, "after_sample", None)
+        result = self.runner.execute(plan.chunks, on_layer_done, keep_hidden=after_sample is not None)
         if masks is not None:
             self.structured.apply(masks, result.logits, [c.request.request_id for c in result.sample_chunks])
         advance = self.scheduler.advance
@@ -161,6 +167,8 @@ class LLMEngine:
             advance(chunk)
         rows = [self._sampling_row(c.request) for c in result.sample_chunks]
         sampled = self.sampler(result.logits, rows) if rows else []
+        if after_sample is not None:  # before any request finishes and frees its blocks
+            after_sample(result.hidden, {c.request.request_id: t.token_id for c, t in zip(result.sample_chunks, sampled)})
         for chunk, token in zip(result.sample_chunks, sampled):
             req = chunk.request
             req.append_token(token)

@@ -5,12 +5,17 @@ for every scheduled chunk of a request that has a transfer, it sends (once) the 
 not compute, then, from the model's per-layer hook, the chunk's new tokens of that layer. Tokens the
 decode worker already holds (its own prefix cache) and tokens already sent are never sent (a preempted
 request is recomputed, but D must receive each (layer, token) exactly once).
+
+With MTP speculative decoding (`prompt_mtp`), a transfer that asks for it also gets the MTP layer's KV,
+sent once the MTP pass after sampling has written it, and keeps the target's last hidden state.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+
+import torch
 
 from glmserve.engine.kv_transport import KVSendPort
 
@@ -21,11 +26,19 @@ class Transfer:
     transfer_id: int
     sent_upto: int = 0  # tokens [0, sent_upto) of every layer are on their way, or already at D
     prefix_tokens: int = 0  # prefix-cache hit tokens sent from P's cache without recompute
+    mtp: bool = False  # D drafts with MTP: send the MTP KV layer too, and keep the last hidden state
+    last_hidden: torch.Tensor | None = None  # [hidden_size] at the last prompt position (mtp only)
 
 
 class KVStreamer:
-    def __init__(self, kv_caches):
+    def __init__(self, kv_caches, prompt_mtp=None):
+        """With prompt_mtp, the last of kv_caches is the MTP layer's, sent only to transfers that ask for it."""
         self.kv_caches = kv_caches
+        self.num_layers = prompt_mtp.layer if prompt_mtp is not None else len(kv_caches)  # the decoder's layers
+        self.prompt_mtp = prompt_mtp
+        if prompt_mtp is not None:
+            self.after_sample = self._after_sample  # the engine passes hidden states to observers that have it
+        self._step: list[tuple] = []  # this step's (request, start, count, transfer, first unsent, count unsent)
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}
 
@@ -40,22 +53,26 @@ class KVStreamer:
     # -- engine-thread observer API ------------------------------------------------------------
     def before_forward(self, chunks):
         work = []
+        self._step = []
         with self._lock:
             for c in chunks:
                 req = c.request
+                start = req.num_computed_tokens
                 t = self._transfers.get(req.request_id)
                 if t is None:
+                    self._step.append((req, start, c.num_new_tokens, None, 0, 0))
                     continue
-                start = req.num_computed_tokens
                 if start > t.sent_upto:  # cached prefix: P holds it but does not recompute it
-                    for layer, cache in enumerate(self.kv_caches):
+                    for layer, cache in enumerate(self.kv_caches[: self.num_layers + t.mtp]):
                         t.sender.send_layer(t.transfer_id, layer, cache, req.block_ids, t.sent_upto,
                                             start - t.sent_upto)
                     t.prefix_tokens = max(t.prefix_tokens, start)
                     t.sent_upto = start
                 end = start + c.num_new_tokens
-                if end > t.sent_upto:
-                    work.append((t, list(req.block_ids), t.sent_upto, end - t.sent_upto))
+                first, count = t.sent_upto, max(0, end - t.sent_upto)
+                self._step.append((req, start, c.num_new_tokens, t, first, count))
+                if count:
+                    work.append((t, list(req.block_ids), first, count))
                     t.sent_upto = end
         if not work:
             return None
@@ -65,3 +82,21 @@ class KVStreamer:
                 t.sender.send_layer(t.transfer_id, layer, self.kv_caches[layer], block_ids, first, count)
 
         return on_layer_done
+
+    def _after_sample(self, hidden: torch.Tensor, sampled: dict[str, int]) -> None:
+        """Engine thread, after sampling: run the MTP layer over the step's positions (P's own cache
+        always gets the MTP KV, so its prefix cache stays whole), then send what MTP transfers need."""
+        steps, self._step = self._step, []
+        if not steps:
+            return
+        self.prompt_mtp.run([(r, s, n) for r, s, n, _, _, _ in steps], hidden, sampled)
+        mtp_cache = self.kv_caches[self.num_layers]
+        off = 0
+        for req, start, n, t, first, count in steps:
+            off += n
+            if t is None or not t.mtp:
+                continue
+            if count:
+                t.sender.send_layer(t.transfer_id, self.num_layers, mtp_cache, req.block_ids, first, count)
+            if req.request_id in sampled:
+                t.last_hidden = hidden[off - 1].detach().to("cpu", copy=True)

@@ -12,7 +12,9 @@ from glmserve.engine.kv_link import KVTransferError, LinkAddress, prometheus_obs
 from glmserve.engine.kv_sender import KVLinkClient
 from glmserve.metrics import ServiceMetrics
 from glmserve.prefill.kv_streamer import KVStreamer, Transfer
+from glmserve.prefill.prompt_mtp import PromptMTP
 from glmserve.protos import worker_pb2 as pb
+from glmserve.worker.mtp_hidden import hidden_to_bytes
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.worker.convert import STATE_TO_PB, params_from_pb, token_logprob_to_pb
 from glmserve.worker.config import WorkerConfig
@@ -35,7 +37,11 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.metrics = metrics
         self.lifecycle = lifecycle
         self.links = KVLinkClient(kv_link_device(cfg.kv_transfer_backend, self.engine.device), timeout_s=cfg.kv_timeout, observer=prometheus_observer(metrics))
-        self.streamer = KVStreamer(self.engine.runner.kv_caches)
+        # MTP speculative decoding: P samples one token and never drafts; it runs the MTP layer over the
+        # prompt instead and sends that layer's KV and the last hidden state to D (prompt_mtp.py).
+        self.mtp = self.engine.speculator is not None
+        self.engine.speculator = None
+        self.streamer = KVStreamer(self.engine.runner.kv_caches, PromptMTP(self.engine) if self.mtp else None)
         self.engine.step_observer = self.streamer
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -48,6 +54,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             params, eos = params_from_pb(request.sampling)
         except ValueError as exc:
             return _error(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False)
+        if request.mtp and not self.mtp:
+            # Not retriable: a deployment whose roles disagree is misconfigured; say so at once, on every request.
+            return _error(pb.ERROR_CODE_PREFILL_FAILED, "the decode worker drafts with MTP but this prefill worker "
+                          "was started without it: give prefill workers the same --speculative-algorithm mtp", False)
         dst_cached = request.num_dst_cached_blocks * request.block_size
         if dst_cached >= len(request.token_ids):
             return _error(pb.ERROR_CODE_INVALID_REQUEST, f"the decode worker holds {dst_cached} of the "
@@ -59,7 +69,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         try:
             addr = LinkAddress(request.kv_link.host, request.kv_link.port, request.kv_link.link_id)
             sender = await asyncio.to_thread(self.links.sender, addr)
-            transfer = Transfer(sender, request.transfer_id, sent_upto=dst_cached)
+            transfer = Transfer(sender, request.transfer_id, sent_upto=dst_cached, mtp=request.mtp)
             self.streamer.register(rid, transfer)
             first, num_cached = None, 0
             stream = self.async_engine.generate(rid, list(request.token_ids), params, eos)
@@ -76,6 +86,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                                       kv_bytes_sent=int(sent or 0))
             if first[1] is not None:
                 resp.first_token_logprob.CopyFrom(token_logprob_to_pb(first[1]))
+            if transfer.mtp:
+                if transfer.last_hidden is None:
+                    return _error(pb.ERROR_CODE_PREFILL_FAILED, "prefill kept no MTP hidden state", True)
+                resp.mtp_hidden = hidden_to_bytes(transfer.last_hidden)
             transfer = None  # delivered
             return resp
         except (KVTransferError, asyncio.TimeoutError, TimeoutError) as exc:

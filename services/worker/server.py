@@ -43,7 +43,12 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
         install(metrics, lambda: engine_cache_info(holder.get("engine")))
     http = make_http_server(create_worker_app(lifecycle, metrics, load), cfg.host, cfg.http_port)
     http_task = asyncio.create_task(http.serve())  # liveness answers while the model loads
-    engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    try:
+        engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+    except ValueError as exc:  # a setting this checkpoint or machine cannot honour (no MTP weights, fa3 on CPU)
+        http.should_exit = True
+        await http_task
+        raise SystemExit(f"glmserve {cfg.role}: {exc}") from None
     holder["engine"] = engine
     async_engine = AsyncEngine(engine)
     engine_metrics = EngineMetrics(metrics)

@@ -103,6 +103,8 @@ def test_worker_flags_follow_the_spec():
     assert flag(decode["args"], "--decode-attention-backend") == "flashinfer"
     assert flag(decode["args"], "--kv-port") == "29700" and {"name": "kv", "containerPort": 29700, "protocol": "TCP"} in decode["ports"]
     assert flag(decode["args"], "--speculative-algorithm") == "mtp" and flag(decode["args"], "--speculative-num-steps") == "3"
+    # The prefill workers run MTP for the decode workers (its KV over the prompt), with no setting of their own.
+    assert flag(prefill["args"], "--speculative-algorithm") == "mtp" and flag(prefill["args"], "--speculative-num-steps") == "3"
     assert flag(decode["args"], "--kv-transfer-backend") == "nccl"
     assert flag(decode["args"], "--served-model-name") == "glm-4.6"
     assert decode["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"  # for --advertise-host

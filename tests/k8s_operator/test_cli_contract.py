@@ -85,3 +85,17 @@ def test_chart_operator_command_parses():
         assert a.command == "operator" and (a.namespace, a.all_namespaces) == scope
         port = next(p["containerPort"] for p in c["ports"] if p["name"] == "health")
         assert port == inspect.signature(run_operator).parameters["liveness_port"].default
+
+
+def test_speculative_settings_reach_both_roles_worker_configs(tmp_path):
+    """MTP on the decode workers: both roles' pods get flags the CLI turns into an MTP engine config (the
+    prefill workers compute the MTP layer's KV over the prompt for the decode workers)."""
+    from glmserve.cli_args import worker_config
+    from tests.k8s_operator.samples import MINIMAL
+
+    spec = {**MINIMAL, "decode": {"engine": {"speculative": {"algorithm": "mtp", "numSteps": 2}}}}
+    ms = {(m["kind"], m["metadata"]["name"]): m for m in build_all(parse_spec(spec), OWNER, service_monitor_api=False)}
+    for role in ("prefill", "decode"):
+        args = parse(ms[("Deployment", f"demo-{role}")]["spec"]["template"]["spec"]["containers"][0]["args"])
+        engine = worker_config(args, role, tmp_path).engine
+        assert (engine.speculative_algorithm, engine.speculative_num_steps) == ("mtp", 2), role

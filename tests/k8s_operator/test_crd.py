@@ -112,6 +112,7 @@ SCHEMA_REJECTS = {
     "nodePort out of range": ("router.service", {"type": "NodePort", "nodePort": 80}),
     "bad scrape interval": ("monitoring.serviceMonitor.interval", "15 seconds"),
     "wrong type": ("decode.gpus", "one"),
+    "more mtp steps than the engine drafts": ("decode.engine.speculative", {"algorithm": "mtp", "numSteps": 5}),
 }
 
 

@@ -253,6 +253,13 @@ class MTPSpeculator:
             probs[j].append(q)
         return out
 
+    @torch.inference_mode()
+    def draft_after_remote_prefill(self, req: Request, last_hidden: torch.Tensor) -> None:
+        """A decode worker's request whose prompt KV (MTP layer included) came from a prefill worker, with
+        the target's hidden state at the last prompt position: draft as if this engine had prefilled it."""
+        hidden = last_hidden.to(self.engine.device, self.engine.loaded.dtype).view(1, -1)
+        self._draft([(req, req.num_tokens - 2, 0, 1, True)], hidden)
+
     # -- drafting ---------------------------------------------------------------------------------
     def _mtp_pass(self, chunks: list[_Chunk], prev_hidden: torch.Tensor) -> torch.Tensor:
         runner = self.engine.runner
