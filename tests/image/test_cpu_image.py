@@ -35,7 +35,7 @@ pytestmark = [
                        reason="needs buildah and debootstrap (apt-get install buildah debootstrap)"),
     pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() != 0, reason="buildah with vfs + chroot needs root"),
     pytest.mark.skipif(os.environ.get(OPT_IN) != "1",
-                       reason=f"opt-in: {OPT_IN}=1 builds the CPU image (several minutes, about 2 GB of disk)"),
+                       reason=f"opt-in: {OPT_IN}=1 builds the CPU image (about 8 minutes, up to 6 GB of disk)"),
 ]
 
 
