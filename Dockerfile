@@ -27,19 +27,33 @@ EXPOSE 8000 50061 50071 8101 8201 29600
 ENTRYPOINT ["glmserve"]
 CMD ["--help"]
 
-# ---- cpu: slim Python with the CPU build of torch -----------------------------------------------------------
+# ---- cpu: Python with the CPU build of torch, in a venv at /opt/venv ----------------------------------------
+# torch comes from TORCH_INDEX_URL (PyTorch's CPU index). A builder without that index passes
+# TORCH_FIND_LINKS, a pip --find-links location (directory or URL) holding the CPU wheel; the other
+# packages then come from PyPI, e.g. with buildah/podman and the wheel in /opt/wheels:
+#   buildah bud --target cpu -v /opt/wheels:/wheels:ro --build-arg TORCH_FIND_LINKS=/wheels -t glmserve:cpu .
+# A venv rather than the system Python: the same steps then work on python:*-slim and on a plain Debian
+# base (whose Python is "externally managed", PEP 668), which is how tests/image/test_cpu_image.py builds.
 FROM ${PYTHON_IMAGE} AS cpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_FIND_LINKS=
 WORKDIR /opt/glmserve
 COPY pyproject.toml README.md Makefile ./
 COPY services services
 COPY protos protos
 COPY kernels kernels
 COPY operator operator
-RUN pip install --no-cache-dir torch --index-url https://download.pytorch.org/whl/cpu \
-    && pip install --no-cache-dir . && rm -rf /root/.cache
+RUN python3 -m venv /opt/venv \
+    && if [ -n "$TORCH_FIND_LINKS" ]; then \
+         /opt/venv/bin/pip install --no-cache-dir --find-links "$TORCH_FIND_LINKS" "torch==${TORCH_VERSION}+cpu"; \
+       else \
+         /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; \
+       fi \
+    && /opt/venv/bin/pip install --no-cache-dir . && rm -rf /root/.cache
 RUN useradd --uid 10001 --create-home --home-dir /home/glmserve glmserve
 USER 10001
-ENV GLMSERVE_CACHE=/tmp/glmserve-cache HOME=/tmp PYTHONDONTWRITEBYTECODE=1
+ENV PATH=/opt/venv/bin:$PATH GLMSERVE_CACHE=/tmp/glmserve-cache HOME=/tmp PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8000
 ENTRYPOINT ["glmserve"]
 CMD ["up", "--host", "0.0.0.0"]

@@ -116,21 +116,24 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="glmserve", description="Serve GLM-4.x models: prefill/decode disaggregated.")
+    p = OneLineParser(prog="glmserve", description="Serve GLM-4.x models: prefill/decode disaggregated.",
+                      formatter_class=HelpWithDefaults)
     p.add_argument("--log-level", default=os.environ.get("GLMSERVE_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO (routine status lines), WARNING (faults only), ERROR (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("tiny-model", help="write a tiny random GLM checkpoint (HF format) for tests and demos")
-    t.add_argument("--arch", choices=["glm4_moe", "glm4_moe_lite"], default="glm4_moe")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("tiny-model", help="write a tiny random GLM checkpoint (HF format) for tests and demos",
+                       formatter_class=HelpWithDefaults)
+    t.add_argument("--arch", choices=["glm4_moe", "glm4_moe_lite"], default="glm4_moe",
+                   help="architecture: GLM-4.5/4.6 (glm4_moe) or GLM-4.7-Flash (glm4_moe_lite)")
+    t.add_argument("--out", required=True, help="directory to write the checkpoint and tokenizer to")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     t.set_defaults(func=_cmd_tiny_model)
 
-    d = sub.add_parser("demo", help="offline generation on the built-in tiny model")
+    d = sub.add_parser("demo", help="offline generation on the built-in tiny model", formatter_class=HelpWithDefaults)
     d.add_argument("--model", default=None, help="model directory or preset (default: built-in tiny model)")
-    d.add_argument("--dtype", default="float32")
-    d.add_argument("--max-tokens", type=int, default=32)
+    d.add_argument("--dtype", default="float32", help="weight and activation dtype")
+    d.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt")
     d.set_defaults(func=_cmd_demo)
 
     for name, func, text in (("prefill", _cmd_prefill, "run a prefill worker"),
@@ -138,17 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
         w = sub.add_parser(name, help=text, formatter_class=HelpWithDefaults)
         add_engine_args(w)
         grpc_port, http_port = DEFAULT_PORTS[name]
-        w.add_argument("--grpc-port", type=int, default=grpc_port)
-        w.add_argument("--http-port", type=int, default=http_port)
+        w.add_argument("--grpc-port", type=int, default=grpc_port, help="gRPC port the router reaches the worker on")
+        w.add_argument("--http-port", type=int, default=http_port, help="HTTP port of /health, /load and /metrics")
         w.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
                        help="address peers use to reach this worker (default: --host, or $POD_IP)")
-        w.add_argument("--drain-timeout", type=float, default=WORKER_DEFAULTS["drain_timeout"])
+        w.add_argument("--drain-timeout", type=float, default=WORKER_DEFAULTS["drain_timeout"],
+                       help="seconds a SIGTERM waits for requests in flight to finish before exiting")
         w.add_argument("--kv-transfer-backend", choices=["auto", "nccl", "gloo"],
                        default=WORKER_DEFAULTS["kv_transfer_backend"],
                        help="KV link: auto = NCCL when both ends are on CUDA, else gloo (host-staged)")
         if name == "decode":
-            w.add_argument("--kv-port", type=int, default=WORKER_DEFAULTS["kv_port"])
-            w.add_argument("--max-waiting-requests", type=int, default=WORKER_DEFAULTS["max_waiting_requests"])
+            w.add_argument("--kv-port", type=int, default=WORKER_DEFAULTS["kv_port"],
+                           help="port of the KV link's rendezvous store (prefill workers connect to it)")
+            w.add_argument("--max-waiting-requests", type=int, default=WORKER_DEFAULTS["max_waiting_requests"],
+                           help="requests that may wait for KV blocks; beyond this they are refused (retriable)")
         w.set_defaults(func=func)
 
     r = sub.add_parser("router", help="run the HTTP router in front of prefill/decode workers",
@@ -159,12 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated HOST:PORT gRPC addresses of the prefill workers (static discovery)")
     r.add_argument("--decode-addresses", "--decode", dest="decode", default="",
                    help="comma-separated HOST:PORT gRPC addresses of the decode workers (static discovery)")
-    r.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
-    r.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"))
-    r.add_argument("--prefill-service", default=None)
-    r.add_argument("--decode-service", default=None)
-    r.add_argument("--grpc-port-name", default="grpc")
-    r.add_argument("--max-model-len", type=int, default=None)
+    r.add_argument("--discovery", choices=["static", "kubernetes"], default="static",
+                   help="static: the --prefill/--decode-addresses; kubernetes: the pods behind the services below")
+    r.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                   help="kubernetes discovery: namespace of the worker services ($POD_NAMESPACE when set)")
+    r.add_argument("--prefill-service", default=None, help="kubernetes discovery: the prefill workers' Service")
+    r.add_argument("--decode-service", default=None, help="kubernetes discovery: the decode workers' Service")
+    r.add_argument("--grpc-port-name", default="grpc",
+                   help="kubernetes discovery: name of the workers' gRPC port in the Service")
+    r.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the smallest the workers report)")
     r.set_defaults(func=_cmd_router)
 
     s = sub.add_parser("serve", help="router and engine in one process (no disaggregation)",
@@ -185,15 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many decode worker processes to start")
     u.set_defaults(func=_cmd_up)
 
-    b = sub.add_parser("bench", help="online serving benchmark against an OpenAI-compatible server")
+    b = sub.add_parser("bench", help="online serving benchmark against an OpenAI-compatible server",
+                       formatter_class=HelpWithDefaults)
     from glmserve.bench.cli import add_arguments
 
     add_arguments(b)
     b.set_defaults(func=_cmd_bench)
 
-    o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
-    o.add_argument("--namespace", default=None)
-    o.add_argument("--all-namespaces", action="store_true")
+    o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)", formatter_class=HelpWithDefaults)
+    o.add_argument("--namespace", default=None, help="watch GLMDeployments in this namespace only")
+    o.add_argument("--all-namespaces", action="store_true", help="watch GLMDeployments in every namespace")
     o.set_defaults(func=_cmd_operator)
     return p
 

@@ -58,40 +58,53 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
     """with_host=False: the command also takes the router's flags (--model, --host, ...)."""
     if with_host:
         p.add_argument("--model", default=None, help="model directory or preset (default: built-in tiny model)")
-        p.add_argument("--served-model-name", default=None)
-        p.add_argument("--host", default=WORKER_DEFAULTS["host"])
+        p.add_argument("--served-model-name", default=None,
+                       help="model name clients send and /v1/models lists (default: --model's last path part)")
+        p.add_argument("--host", default=WORKER_DEFAULTS["host"], help="address the worker's listeners bind to")
     e, c, s = ENGINE_DEFAULTS, CACHE_DEFAULTS, SCHEDULER_DEFAULTS
-    p.add_argument("--dtype", default=e["dtype"], choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=e["dtype"], choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weight and activation dtype; auto: the checkpoint's (float32 on CPU)")
     p.add_argument("--device", default=e["device"], help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--load-format", default=e["load_format"], choices=["auto", "safetensors", "dummy"])
-    p.add_argument("--seed", type=int, default=e["seed"])
+    p.add_argument("--load-format", default=e["load_format"], choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights of the right shapes (no checkpoint needed; for load tests)")
+    p.add_argument("--seed", type=int, default=e["seed"], help="seed of the random weights of --load-format dummy")
     p.add_argument("--max-model-len", type=int, default=s["max_model_len"],
                    help="longest prompt + output in tokens (default: the model's)")
     p.add_argument("--block-size", type=int, default=c["block_size"], help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, default=c["num_blocks"],
                    help="override the KV cache size in blocks (default: sized from memory)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=c["gpu_memory_utilization"])
+    p.add_argument("--gpu-memory-utilization", type=float, default=c["gpu_memory_utilization"],
+                   help="fraction of GPU memory for weights, activations and the KV cache")
     p.add_argument("--cpu-kv-cache-gib", type=float, default=c["cpu_kv_bytes"] / (1 << 30),
                    help="KV cache budget on CPU, in GiB")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=c["enable_prefix_caching"])
-    p.add_argument("--max-num-seqs", type=int, default=s["max_num_seqs"])
-    p.add_argument("--max-num-batched-tokens", type=int, default=s["max_num_batched_tokens"])
-    p.add_argument("--chunked-prefill-size", type=int, default=s["chunked_prefill_size"])
+                   default=c["enable_prefix_caching"], help="reuse KV blocks of prompt prefixes seen before")
+    p.add_argument("--max-num-seqs", type=int, default=s["max_num_seqs"], help="most sequences in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=s["max_num_batched_tokens"],
+                   help="most tokens in one engine step (prefill chunks plus decode tokens)")
+    p.add_argument("--chunked-prefill-size", type=int, default=s["chunked_prefill_size"],
+                   help="longest prefill chunk in tokens; longer prompts are prefilled in several steps")
     p.add_argument("--prefill-attention-backend", default=e["prefill_attention_backend"],
-                   choices=["auto", "fa3", "flashinfer", "triton", "torch"])
+                   choices=["auto", "fa3", "flashinfer", "triton", "torch"],
+                   help="attention kernels for prefill; auto picks the fastest available on the device")
     p.add_argument("--decode-attention-backend", default=e["decode_attention_backend"],
-                   choices=["auto", "flashinfer", "triton", "torch"])
-    p.add_argument("--cuda-graph-max-batch-size", type=int, default=e["cuda_graph_max_batch_size"])
-    p.add_argument("--disable-cuda-graph", action="store_true", default=not e["enable_cuda_graph"])
+                   choices=["auto", "flashinfer", "triton", "torch"],
+                   help="attention kernels for decode; auto picks the fastest available on the device")
+    p.add_argument("--cuda-graph-max-batch-size", type=int, default=e["cuda_graph_max_batch_size"],
+                   help="largest decode batch run as a CUDA graph; larger batches run eagerly")
+    p.add_argument("--disable-cuda-graph", action="store_true", default=not e["enable_cuda_graph"],
+                   help="run decode eagerly, without CUDA graphs")
     p.add_argument("--cuda-graph-capture-sizes", default=",".join(map(str, e["cuda_graph_capture_sizes"])),
-                   help="comma-separated decode batch sizes to capture as CUDA graphs (default: 1,2,4,8,16,24,..)")
+                   help="comma-separated decode batch sizes to capture as CUDA graphs")
     p.add_argument("--metrics-compat", choices=["vllm"], default=WORKER_DEFAULTS["metrics_compat"],
                    help="also export vLLM's metric names (vllm:num_requests_waiting, ...) for the Gateway API "
                         "Inference Extension and KEDA")
-    p.add_argument("--speculative-algorithm", choices=["none", "mtp"], default=e["speculative_algorithm"])
-    p.add_argument("--speculative-num-steps", type=int, default=e["speculative_num_steps"])
-    p.add_argument("--tensor-parallel-size", type=int, default=e["tensor_parallel_size"])
+    p.add_argument("--speculative-algorithm", choices=["none", "mtp"], default=e["speculative_algorithm"],
+                   help="mtp: speculative decoding with the model's multi-token-prediction layer")
+    p.add_argument("--speculative-num-steps", type=int, default=e["speculative_num_steps"],
+                   help="with --speculative-algorithm mtp: draft tokens proposed per step")
+    p.add_argument("--tensor-parallel-size", type=int, default=e["tensor_parallel_size"],
+                   help="GPUs each worker shards the model over")
     p.add_argument("--no-progress", action="store_true", default=not e["show_progress"],
                    help="no progress bar while loading weights")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -182,14 +195,19 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     r = ROUTER_DEFAULTS
     p.add_argument("--model", default=None,
                    help="model directory (tokenizer, chat template) or preset (default: built-in tiny model)")
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--host", default=r["host"])
-    p.add_argument("--port", type=int, default=r["port"])
-    p.add_argument("--tool-call-parser", choices=["glm45", "glm47"], default=r["tool_call_parser"])
-    p.add_argument("--reasoning-parser", choices=["glm45"], default=r["reasoning_parser"])
+    p.add_argument("--served-model-name", default=None,
+                   help="model name clients send and /v1/models lists (default: --model's last path part)")
+    p.add_argument("--host", default=r["host"], help="address the HTTP server binds to (0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, default=r["port"], help="HTTP port of the OpenAI-compatible API")
+    p.add_argument("--tool-call-parser", choices=["glm45", "glm47"], default=r["tool_call_parser"],
+                   help="parse tool calls out of the model's text into tool_calls (default: none, text as is)")
+    p.add_argument("--reasoning-parser", choices=["glm45"], default=r["reasoning_parser"],
+                   help="split <think> text into reasoning_content (default: none, text as is)")
     p.add_argument("--routing-policy", choices=["prefix-affinity", "least-loaded", "round-robin"],
-                   default=r["routing_policy"])
-    p.add_argument("--request-timeout", type=float, default=r["request_timeout"])
+                   default=r["routing_policy"],
+                   help="how the router picks workers: prefix-affinity sends shared prefixes to the same worker")
+    p.add_argument("--request-timeout", type=float, default=r["request_timeout"],
+                   help="seconds a request may run before it fails with a timeout error")
     p.add_argument("--health-interval", type=float, default=r["health_interval"],
                    help="seconds between polls of each worker's load and health")
     p.add_argument("--worker-wait-timeout", type=float, default=r["worker_wait_timeout"],

@@ -38,6 +38,7 @@ def test_help_shows_the_defaults(capsys):
         _parse("decode", "--help")
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert f"--block-size BLOCK_SIZE tokens per KV-cache block (default: {CacheConfig().block_size})" in text
-    assert f"--kv-port KV_PORT (default: {WorkerConfig.kv_port})" in text
-    assert f"--grpc-port GRPC_PORT (default: {DEFAULT_PORTS['decode'][0]})" in text
-    assert "--seed SEED (default: 0)" in text
+    assert f"(prefill workers connect to it) (default: {WorkerConfig.kv_port})" in text
+    assert f"--grpc-port GRPC_PORT gRPC port the router reaches the worker on (default: {DEFAULT_PORTS['decode'][0]})" \
+        in text
+    assert "--seed SEED seed of the random weights of --load-format dummy (default: 0)" in text

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random | sharegpt | prefix-repetition (vLLM's prefix_repetition too)")
     parser.add_argument("--dataset-path", default=None,
                         help="sharegpt: JSON list of {'conversations': [{'from'|'role', 'value'|'content'}]}")
-    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     parser.add_argument("--random-input-len", type=int, default=None,
                         help="random: prompt tokens; prefix-repetition: suffix tokens after the prefix (joined by a "
                              "space) (default: 1024, shrunk to fit the server's max_model_len)")
@@ -63,12 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=math.inf,
                         help="requests/s with Poisson arrivals; inf sends all at once")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated prompts and lengths")
     parser.add_argument("--tokenizer", default=None,
                         help="model directory: build prompts of exact token length and count input tokens "
                              "locally (default: random words, token counts from the server's usage)")
     parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so replies reach max_tokens")
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent with each request")
     parser.add_argument("--result-file", default=None, help="write the JSON result here")
     parser.add_argument("--save-result", action="store_true",
                         help="write the JSON result to --result-dir/--result-filename (vLLM's names)")

@@ -42,7 +42,7 @@ class LLMEngine:
             backend = attention_registry.create_for_roles(cfg.prefill_attention_backend,
                                                         cfg.decode_attention_backend, device)
             loaded = load_model(cfg.model, dtype=cfg.dtype, device=str(device), load_format=cfg.load_format,
-                                backend=backend, show_progress=cfg.show_progress, with_mtp=cfg.with_mtp)
+                                seed=cfg.seed, backend=backend, show_progress=cfg.show_progress, with_mtp=cfg.with_mtp)
         self.loaded = loaded
         self.model_config: ModelConfig = loaded.config
         self.device = torch.device(loaded.device)

@@ -256,3 +256,18 @@ def test_bfloat16_load_keeps_router_in_fp32(single, single_loaded):
     assert got.dtype == torch.float32
     # bf16 keeps the argmax of most positions of a random tiny model (loose, it is a smoke check).
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.7
+
+
+def test_engine_seed_picks_the_dummy_weights(single):
+    """`--seed` reaches the dummy loader: the same seed gives the same weights, another seed others."""
+    from glmserve.engine.config import CacheConfig, EngineConfig
+    from glmserve.engine.engine import LLMEngine
+
+    def weight(seed):
+        eng = LLMEngine(EngineConfig(model=str(single), dtype="float32", device="cpu", show_progress=False,
+                                     load_format="dummy", seed=seed, cache=CacheConfig(num_blocks=8),
+                                     enable_cuda_graph=False))
+        return eng.loaded.model.model.layers[1].self_attn.q_proj.weight
+
+    assert torch.equal(weight(3), weight(3))
+    assert not torch.equal(weight(3), weight(4))
