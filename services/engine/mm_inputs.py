@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from glmserve.engine.image_processor import ProcessedImage
+from glmserve.engine.image_processor import ProcessedImage, process_image
+from glmserve.engine.vision_config import ImageProcessorConfig, VisionConfig
 from glmserve.prefix_hash import ROOT_HASH, hash_block
 
 
@@ -132,3 +133,17 @@ def extend_chain_mm(hashes: list[int], token_ids: list[int], block_size: int, mm
             parent = int.from_bytes(h.digest(), "little")
         hashes.append(parent)
     return hashes
+
+
+def prepare_images(token_ids: list[int], pil_images: list, vision: VisionConfig,
+                   image_cfg: ImageProcessorConfig) -> tuple[list[int], MultiModalPrompt]:
+    """A prompt with one image placeholder per image and the PIL images -> (expanded ids, its images)."""
+    if (image_cfg.patch_size, image_cfg.temporal_patch_size, image_cfg.merge_size) != (
+            vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size):
+        raise MultiModalError("preprocessor_config.json and config.json disagree on the patch / merge sizes")
+    for im in pil_images:
+        if not hasattr(im, "getbands"):
+            raise MultiModalError(f"an image must be a PIL image, got {type(im).__name__}")
+    images = [process_image(im, image_cfg) for im in pil_images]
+    ids = expand_image_tokens(token_ids, images, vision.image_token_id, vision.spatial_merge_size)
+    return ids, build_mm_prompt(ids, images, vision.image_token_id, vision.spatial_merge_size)
