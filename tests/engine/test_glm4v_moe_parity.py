@@ -123,3 +123,32 @@ def test_greedy_generation_matches_transformers(vl):
     got = [t for o in engine.run_until_done(deadline_s=300) for t in o.new_token_ids]
     assert len(expected) == 32
     assert got == expected
+
+
+def test_published_weight_names_and_config_layout_load(vl, tmp_path):
+    """The published GLM-4.5V layout: text weights under `model.` (not `model.language_model.`), an MTP layer
+    at `model.layers.{num_hidden_layers}` (skipped), legacy rope keys in text_config; same model as ours."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    d, hf, ours = vl
+    out = tmp_path / "published"
+    out.mkdir()
+    weights = load_file(str(d / "model.safetensors"))
+    renamed = {k.replace("model.language_model.", "model."): v for k, v in weights.items()}
+    n = ours.config.num_hidden_layers
+    renamed.update({k.replace("layers.1.", f"layers.{n}."): v.clone() for k, v in renamed.items() if ".layers.1." in k})
+    save_file(renamed, str(out / "model.safetensors"))
+    raw = json.loads((d / "config.json").read_text())
+    text = raw["text_config"]
+    rope = text.pop("rope_parameters")
+    text.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"],
+                rope_scaling={"type": "default", "mrope_section": rope["mrope_section"]})
+    (out / "config.json").write_text(json.dumps(raw))
+    for f in ("generation_config.json", "preprocessor_config.json"):
+        (out / f).write_text((d / f).read_text())
+    other = load_ours(out)
+    assert other.config == ours.config
+    for (name, p), (_, q) in zip(ours.model.named_parameters(), other.model.named_parameters()):
+        assert torch.equal(p, q), name
