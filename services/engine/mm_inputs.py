@@ -6,6 +6,8 @@ placeholder to the image's count). Positions follow transformers' Glm4vMoeModel.
 count up on all three axes; an image's tokens share t = the next position and count rows (h) and columns
 (w) from it; after the image, text resumes at that position + max(rows, cols). Tokens past the prompt (the
 output) sit at their index + `delta`, the same offset on every axis.
+
+Torch-free: the router builds these too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from glmserve.engine.image_processor import ProcessedImage, process_image
 from glmserve.engine.vision_config import ImageProcessorConfig, VisionConfig
@@ -109,12 +110,6 @@ def build_mm_prompt(token_ids: list[int], images: list[ProcessedImage], image_to
     positions = np.ascontiguousarray(np.concatenate(pieces, axis=1))
     delta = int(positions.max()) + 1 - len(token_ids) if positions.size else 0
     return MultiModalPrompt(tuple(placed), positions, delta)
-
-
-def stack_patches(images: list[ProcessedImage]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """The encoder's input for several images: concatenated patches and their grids."""
-    return (torch.from_numpy(np.concatenate([im.patches for im in images])),
-            [tuple(im.grid_thw) for im in images])
 
 
 def extend_chain_mm(hashes: list[int], token_ids: list[int], block_size: int, mm: MultiModalPrompt) -> list[int]:

@@ -12,7 +12,12 @@ import numpy as np
 import torch
 
 from glmserve.engine.encoder_cache import EncoderCache
-from glmserve.engine.mm_inputs import stack_patches
+
+
+def stack_patches(images) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """The encoder's input for several ProcessedImages: concatenated patches and their grids."""
+    return (torch.from_numpy(np.concatenate([im.patches for im in images])),
+            [tuple(im.grid_thw) for im in images])
 
 
 class MultiModalStepBuilder:

@@ -47,7 +47,10 @@ class DisaggregatedBackend(GenerationBackend):
     def describe(self) -> dict:
         return self.pool.describe()
 
-    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None):
+    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None, mm=None):
+        if mm is not None:  # patches do not travel to the workers yet (issue 11)
+            raise BackendError("images are served by `glmserve serve` (one process) so far; the disaggregated "
+                               "workers do not take images yet", status=400)
         want_logprobs = params.logprobs is not None
         tried: set[str] = set()
         streamed: list[int] = []  # tokens the caller already has; a later attempt resumes after them
