@@ -93,15 +93,15 @@ class AsyncEngine:
             yield out
 
     async def generate_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                              eos_token_ids: frozenset[int] | None = None,
-                              max_waiting: int | None = None) -> AsyncIterator[KVAllocated | EngineOutput]:
+                              eos_token_ids: frozenset[int] | None = None, max_waiting: int | None = None,
+                              mm=None) -> AsyncIterator[KVAllocated | EngineOutput]:
         """A request whose prompt KV a prefill worker computes. Yields KVAllocated once its blocks are
         held; the caller then has the KV sent and calls remote_kv_arrived, after which the outputs
         follow (the first repeats the prefill worker's token). Leaving early aborts, at any stage."""
         if self.dead is not None:
             raise EngineError(f"engine stopped: {self.dead!r}")
         await self.prepare(params)
-        command = _Add(request_id, prompt_token_ids, params, eos_token_ids, True, max_waiting)
+        command = _Add(request_id, prompt_token_ids, params, eos_token_ids, True, max_waiting, mm=mm)
         async for item in self._stream(request_id, command):
             yield item
 
