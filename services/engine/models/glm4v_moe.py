@@ -55,6 +55,9 @@ class Glm4vMoeForConditionalGeneration(GLMForCausalLM):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, with_mtp: bool = False):
         if cfg.vision is None:
             raise ValueError(f"Glm4vMoeForConditionalGeneration needs a glm4v_moe config, got arch={cfg.arch!r}")
+        if cfg.quant is not None:
+            raise ValueError("FP8 glm4v_moe checkpoints (GLM-4.5V-FP8, GLM-4.6V-FP8) are not supported yet; "
+                             "use the bf16 release")
         super().__init__(cfg, backend, with_mtp=False)  # no MTP for the VL models
         self.visual = Glm4vVisionModel(cfg.vision)
 
