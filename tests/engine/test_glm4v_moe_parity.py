@@ -152,3 +152,14 @@ def test_published_weight_names_and_config_layout_load(vl, tmp_path):
     assert other.config == ours.config
     for (name, p), (_, q) in zip(ours.model.named_parameters(), other.model.named_parameters()):
         assert torch.equal(p, q), name
+
+
+def test_dense_vl_and_fp8_vl_are_refused_clearly(vl):
+    from glmserve.engine.config import QuantConfig, parse_hf_config
+    from glmserve.engine.models.glm4v_moe import Glm4vMoeForConditionalGeneration
+
+    with pytest.raises(ValueError, match="unsupported model: model_type='glm4v'"):
+        parse_hf_config({"model_type": "glm4v", "architectures": ["Glm4vForConditionalGeneration"]})
+    cfg = vl[2].config.replace(quant=QuantConfig(method="fp8"))
+    with pytest.raises(ValueError, match="FP8 glm4v_moe checkpoints"):
+        Glm4vMoeForConditionalGeneration(cfg, vl[2].model.backend)
