@@ -131,3 +131,27 @@ def test_http_404_and_too_many_images(served, http_images):
     with pytest.raises(openai.BadRequestError, match="at most 2 images"):
         _ask(client, model, url, url, url)
     assert _ask(client, model, url).choices[0].finish_reason == "length"  # still serving
+
+
+def test_bench_random_mm_against_the_server(served, tmp_path):
+    """`glmserve bench --dataset-name random-mm --backend openai-chat`: every request with its images served."""
+    import argparse
+    import json
+
+    from glmserve.bench import cli
+
+    client, model, _, _ = served
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "mm.json"
+    args = parser.parse_args([
+        "--base-url", str(client.base_url).removesuffix("/v1/").removesuffix("/v1"), "--model", model,
+        "--backend", "openai-chat", "--dataset-name", "random-mm", "--num-prompts", "6",
+        "--random-input-len", "8", "--random-output-len", "4", "--random-mm-base-items-per-request", "1",
+        "--random-mm-num-mm-items-range-ratio", "1.0", "--random-mm-limit-mm-per-prompt", '{"image": 2}',
+        "--random-mm-bucket-config", "{(32, 48, 1): 0.5, (64, 40, 1): 0.5}", "--ignore-eos",
+        "--disable-tqdm", "--result-file", str(out)])
+    assert cli.run(args) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["total_input_tokens"] > 6 * 8  # the image tokens count too
