@@ -38,10 +38,8 @@ def _prepare(vi, urls):
 
 
 def test_text_models_have_no_vision(tmp_path):
-    from glmserve.engine.tiny_model import build_tiny_model
-
-    d = build_tiny_model("glm4_moe", tmp_path / "text")
-    assert VisionInputs.for_model(RouterConfig(model=str(d), served_model_name="m")) is None
+    (tmp_path / "config.json").write_text('{"model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"]}')
+    assert VisionInputs.for_model(RouterConfig(model=str(tmp_path), served_model_name="m")) is None
 
 
 def test_file_over_the_byte_cap(model_dir, tmp_path):
