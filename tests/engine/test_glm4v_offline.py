@@ -132,3 +132,21 @@ def test_text_model_refuses_images(tmp_path):
     text_llm = LLM(None, dtype="float32", device="cpu", show_progress=False, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="takes no images"):
         text_llm.generate({"prompt": "hi <|image|>", "multi_modal_data": {"image": [random_image(30, 30, seed=2)]}})
+
+
+def test_preempted_image_requests_recompute_the_same_tokens(model_dir, llm):
+    """Too few KV blocks for two image prompts at once: one is preempted and recomputed (its image encoded
+    again or taken from the encoder cache) and both still give the tokens they give alone."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, min_tokens=24)
+    prompts = [{"prompt": PROMPT, "multi_modal_data": {"image": _images()}},
+               {"prompt": PROMPT.replace("Look", "Stare"),
+                "multi_modal_data": {"image": [random_image(48, 48, seed=51), random_image(40, 64, seed=52)]}}]
+    alone = [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
+    lengths = [len(o.prompt_token_ids) for o in llm.generate(prompts, SamplingParams(max_tokens=1))]
+    # Both prompts fit, their 24 output tokens do not: decoding must preempt one.
+    blocks = sum(-(-(n + 1) // 4) for n in lengths) + 3
+    tight = LLM(str(model_dir), dtype="float32", device="cpu", block_size=4, num_kv_blocks=blocks,
+                enable_prefix_caching=False, show_progress=False)
+    together = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert together == alone
