@@ -155,3 +155,17 @@ def test_bench_random_mm_against_the_server(served, tmp_path):
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["total_input_tokens"] > 6 * 8  # the image tokens count too
+
+
+def test_tokenize_refuses_image_parts(served):
+    import httpx
+
+    client, model, _, _ = served
+    base = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    body = {"model": model, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(random_image(24, 24, seed=1))}},
+        {"type": "text", "text": "hi"}]}]}
+    r = httpx.post(base + "/tokenize", json=body, timeout=30)
+    assert r.status_code == 400 and "text parts only" in r.json()["error"]["message"]
+    text_only = {"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert httpx.post(base + "/tokenize", json=text_only, timeout=30).json()["count"] > 0
