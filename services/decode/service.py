@@ -99,7 +99,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, f"token ids must be < {vocab}", False)
         try:
             params, eos = params_from_pb(request.sampling)
-            mm = mm_from_pb(prompt, request.images, self.engine.model_config.vision)
+            mm = mm_from_pb(prompt, request.images, self.engine.model_config.vision) if request.images else None
         except ValueError as exc:
             raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False) from exc
         return prompt, params, eos, mm

@@ -53,7 +53,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                           f"block size {request.block_size} != this worker's {self.engine.pool.block_size}", False)
         try:
             params, eos = params_from_pb(request.sampling)
-            mm = mm_from_pb(list(request.token_ids), request.images, self.engine.model_config.vision)
+            mm = (mm_from_pb(list(request.token_ids), request.images, self.engine.model_config.vision)
+                  if request.images else None)
         except ValueError as exc:
             return _error(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False)
         if request.mtp and not self.mtp:
