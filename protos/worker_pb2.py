@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cglmserve/protos/worker.proto\x12\x0bglmserve.v1\"\xaa\x05\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12)\n\x07grammar\x18( \x01(\x0b\x32\x18.glmserve.v1.GrammarSpec\x12?\n\nlogit_bias\x18) \x03(\x0b\x32+.glmserve.v1.SamplingOptions.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18* \x03(\r\x12-\n\tbad_words\x18+ \x03(\x0b\x32\x1a.glmserve.v1.TokenSequence\x12\x1d\n\x15resumed_output_tokens\x18\x32 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\\\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.glmserve.v1.TopLogprob\"R\n\x06Status\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.glmserve.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretriable\x18\x03 \x01(\x08\"<\n\rKvLinkAddress\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07link_id\x18\x03 \x01(\t\"\x88\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.glmserve.v1.SamplingOptions\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\"\x9a\x02\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.glmserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.glmserve.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12#\n\x06status\x18\x06 \x01(\x0b\x32\x13.glmserve.v1.Status\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\rB\x10\n\x0e_stop_token_id\"\x80\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.glmserve.v1.SamplingOptions\x12+\n\x07kv_link\x18\x04 \x01(\x0b\x32\x1a.glmserve.v1.KvLinkAddress\x12\x15\n\rdst_block_ids\x18\x05 \x03(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1d\n\x15num_dst_cached_blocks\x18\x07 \x01(\r\x12\x13\n\x0btransfer_id\x18\x08 \x01(\x04\x12\x0b\n\x03mtp\x18( \x01(\x08\"\xdc\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x36\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x19.glmserve.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x05 \x01(\x04\x12#\n\x06status\x18\x06 \x01(\x0b\x32\x13.glmserve.v1.Status\x12\x12\n\nmtp_hidden\x18( \x01(\x0c\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"K\n\x0eHealthResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.glmserve.v1.ServingState\x12\x0f\n\x07message\x18\x02 \x01(\t\"=\n\x0bLoadRequest\x12\x17\n\x0fkv_events_epoch\x18\x1e \x01(\x04\x12\x15\n\rkv_events_seq\x18\x1f \x01(\x04\"\xdc\x03\n\nLoadReport\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.glmserve.v1.WorkerRole\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rqueued_tokens\x18\x05 \x01(\x04\x12\x18\n\x10running_requests\x18\x06 \x01(\r\x12\x18\n\x10waiting_requests\x18\x07 \x01(\r\x12\x10\n\x08kv_usage\x18\x08 \x01(\x02\x12\x13\n\x0b\x66ree_blocks\x18\t \x01(\r\x12\x14\n\x0ctotal_blocks\x18\n \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0b \x01(\x02\x12(\n\x05state\x18\r \x01(\x0e\x32\x19.glmserve.v1.ServingState\x12\x17\n\x0fkv_events_epoch\x18\x1e \x01(\x04\x12\x15\n\rkv_events_seq\x18\x1f \x01(\x04\x12\x17\n\x0fkv_events_reset\x18  \x01(\x08\x12\x18\n\x10kv_stored_hashes\x18! \x03(\x04\x12\x19\n\x11kv_removed_hashes\x18\" \x03(\x04J\x04\x08\x0c\x10\rR\x13\x63\x61\x63hed_block_hashes\"f\n\x0bGrammarSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12!\n\x14start_after_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x17\n\x15_start_after_token_id\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\r*\x8e\x02\n\tErrorCode\x12\x11\n\rERROR_CODE_OK\x10\x00\x12\x1d\n\x19\x45RROR_CODE_NO_KV_CAPACITY\x10\x01\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x02\x12\x1d\n\x19\x45RROR_CODE_PREFILL_FAILED\x10\x03\x12!\n\x1d\x45RROR_CODE_KV_TRANSFER_FAILED\x10\x04\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x05\x12\x1e\n\x1a\x45RROR_CODE_PROMPT_TOO_LONG\x10\x06\x12\x18\n\x14\x45RROR_CODE_CANCELLED\x10\x07\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x81\x01\n\x0cServingState\x12\x1d\n\x19SERVING_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVING_STATE_SERVING\x10\x01\x12\x1a\n\x16SERVING_STATE_DRAINING\x10\x02\x12\x1b\n\x17SERVING_STATE_NOT_READY\x10\x03*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\x97\x02\n\x0c\x44\x65\x63odeWorker\x12\x43\n\x08Generate\x12\x1c.glmserve.v1.GenerateRequest\x1a\x17.glmserve.v1.TokenChunk0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.glmserve.v1.CancelRequest\x1a\x1b.glmserve.v1.CancelResponse\x12\x41\n\x06Health\x12\x1a.glmserve.v1.HealthRequest\x1a\x1b.glmserve.v1.HealthResponse\x12<\n\x07GetLoad\x12\x18.glmserve.v1.LoadRequest\x1a\x17.glmserve.v1.LoadReport2\x99\x02\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1b.glmserve.v1.PrefillRequest\x1a\x1c.glmserve.v1.PrefillResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.glmserve.v1.CancelRequest\x1a\x1b.glmserve.v1.CancelResponse\x12\x41\n\x06Health\x12\x1a.glmserve.v1.HealthRequest\x1a\x1b.glmserve.v1.HealthResponse\x12<\n\x07GetLoad\x12\x18.glmserve.v1.LoadRequest\x1a\x17.glmserve.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cglmserve/protos/worker.proto\x12\x0bglmserve.v1\"\xaa\x05\n\x0fSamplingOptions\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\t \x01(\rH\x04\x88\x01\x01\x12\x12\n\nmin_tokens\x18\n \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x0e \x03(\r\x12)\n\x07grammar\x18( \x01(\x0b\x32\x18.glmserve.v1.GrammarSpec\x12?\n\nlogit_bias\x18) \x03(\x0b\x32+.glmserve.v1.SamplingOptions.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18* \x03(\r\x12-\n\tbad_words\x18+ \x03(\x0b\x32\x1a.glmserve.v1.TokenSequence\x12\x1d\n\x15resumed_output_tokens\x18\x32 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\\\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.glmserve.v1.TopLogprob\"R\n\x06Status\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.glmserve.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretriable\x18\x03 \x01(\x08\"<\n\rKvLinkAddress\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0f\n\x07link_id\x18\x03 \x01(\t\"\xb1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.glmserve.v1.SamplingOptions\x12\x17\n\x0fprefill_address\x18\x04 \x01(\t\x12\'\n\x06images\x18\x32 \x03(\x0b\x32\x17.glmserve.v1.ImageInput\"\x9a\x02\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.glmserve.v1.TokenLogprob\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.glmserve.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12#\n\x06status\x18\x06 \x01(\x0b\x32\x13.glmserve.v1.Status\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\rB\x10\n\x0e_stop_token_id\"\xa9\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.glmserve.v1.SamplingOptions\x12+\n\x07kv_link\x18\x04 \x01(\x0b\x32\x1a.glmserve.v1.KvLinkAddress\x12\x15\n\rdst_block_ids\x18\x05 \x03(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1d\n\x15num_dst_cached_blocks\x18\x07 \x01(\r\x12\x13\n\x0btransfer_id\x18\x08 \x01(\x04\x12\x0b\n\x03mtp\x18( \x01(\x08\x12\'\n\x06images\x18\x32 \x03(\x0b\x32\x17.glmserve.v1.ImageInput\"\xfa\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x36\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x19.glmserve.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x05 \x01(\x04\x12#\n\x06status\x18\x06 \x01(\x0b\x32\x13.glmserve.v1.Status\x12\x12\n\nmtp_hidden\x18( \x01(\x0c\x12\x1c\n\x14mrope_position_delta\x18\x32 \x01(\x12\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"K\n\x0eHealthResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.glmserve.v1.ServingState\x12\x0f\n\x07message\x18\x02 \x01(\t\"=\n\x0bLoadRequest\x12\x17\n\x0fkv_events_epoch\x18\x1e \x01(\x04\x12\x15\n\rkv_events_seq\x18\x1f \x01(\x04\"\xdc\x03\n\nLoadReport\x12%\n\x04role\x18\x01 \x01(\x0e\x32\x17.glmserve.v1.WorkerRole\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rqueued_tokens\x18\x05 \x01(\x04\x12\x18\n\x10running_requests\x18\x06 \x01(\r\x12\x18\n\x10waiting_requests\x18\x07 \x01(\r\x12\x10\n\x08kv_usage\x18\x08 \x01(\x02\x12\x13\n\x0b\x66ree_blocks\x18\t \x01(\r\x12\x14\n\x0ctotal_blocks\x18\n \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x0b \x01(\x02\x12(\n\x05state\x18\r \x01(\x0e\x32\x19.glmserve.v1.ServingState\x12\x17\n\x0fkv_events_epoch\x18\x1e \x01(\x04\x12\x15\n\rkv_events_seq\x18\x1f \x01(\x04\x12\x17\n\x0fkv_events_reset\x18  \x01(\x08\x12\x18\n\x10kv_stored_hashes\x18! \x03(\x04\x12\x19\n\x11kv_removed_hashes\x18\" \x03(\x04J\x04\x08\x0c\x10\rR\x13\x63\x61\x63hed_block_hashes\"f\n\x0bGrammarSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12!\n\x14start_after_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x17\n\x15_start_after_token_id\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"c\n\nImageInput\x12\x0f\n\x07patches\x18\x32 \x01(\x0c\x12\x0e\n\x06grid_t\x18\x33 \x01(\r\x12\x0e\n\x06grid_h\x18\x34 \x01(\r\x12\x0e\n\x06grid_w\x18\x35 \x01(\r\x12\x14\n\x0c\x63ontent_hash\x18\x36 \x01(\t*\x8e\x02\n\tErrorCode\x12\x11\n\rERROR_CODE_OK\x10\x00\x12\x1d\n\x19\x45RROR_CODE_NO_KV_CAPACITY\x10\x01\x12\x1a\n\x16\x45RROR_CODE_UNAVAILABLE\x10\x02\x12\x1d\n\x19\x45RROR_CODE_PREFILL_FAILED\x10\x03\x12!\n\x1d\x45RROR_CODE_KV_TRANSFER_FAILED\x10\x04\x12\x1e\n\x1a\x45RROR_CODE_INVALID_REQUEST\x10\x05\x12\x1e\n\x1a\x45RROR_CODE_PROMPT_TOO_LONG\x10\x06\x12\x18\n\x14\x45RROR_CODE_CANCELLED\x10\x07\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x08*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x81\x01\n\x0cServingState\x12\x1d\n\x19SERVING_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVING_STATE_SERVING\x10\x01\x12\x1a\n\x16SERVING_STATE_DRAINING\x10\x02\x12\x1b\n\x17SERVING_STATE_NOT_READY\x10\x03*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x32\x97\x02\n\x0c\x44\x65\x63odeWorker\x12\x43\n\x08Generate\x12\x1c.glmserve.v1.GenerateRequest\x1a\x17.glmserve.v1.TokenChunk0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.glmserve.v1.CancelRequest\x1a\x1b.glmserve.v1.CancelResponse\x12\x41\n\x06Health\x12\x1a.glmserve.v1.HealthRequest\x1a\x1b.glmserve.v1.HealthResponse\x12<\n\x07GetLoad\x12\x18.glmserve.v1.LoadRequest\x1a\x17.glmserve.v1.LoadReport2\x99\x02\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1b.glmserve.v1.PrefillRequest\x1a\x1c.glmserve.v1.PrefillResponse\x12\x41\n\x06\x43\x61ncel\x12\x1a.glmserve.v1.CancelRequest\x1a\x1b.glmserve.v1.CancelResponse\x12\x41\n\x06Health\x12\x1a.glmserve.v1.HealthRequest\x1a\x1b.glmserve.v1.HealthResponse\x12<\n\x07GetLoad\x12\x18.glmserve.v1.LoadRequest\x1a\x17.glmserve.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORCODE']._serialized_start=2772
-  _globals['_ERRORCODE']._serialized_end=3042
-  _globals['_FINISHREASON']._serialized_start=3045
-  _globals['_FINISHREASON']._serialized_end=3190
-  _globals['_SERVINGSTATE']._serialized_start=3193
-  _globals['_SERVINGSTATE']._serialized_end=3322
-  _globals['_WORKERROLE']._serialized_start=3324
-  _globals['_WORKERROLE']._serialized_end=3414
+  _globals['_ERRORCODE']._serialized_start=2985
+  _globals['_ERRORCODE']._serialized_end=3255
+  _globals['_FINISHREASON']._serialized_start=3258
+  _globals['_FINISHREASON']._serialized_end=3403
+  _globals['_SERVINGSTATE']._serialized_start=3406
+  _globals['_SERVINGSTATE']._serialized_end=3535
+  _globals['_WORKERROLE']._serialized_start=3537
+  _globals['_WORKERROLE']._serialized_end=3627
   _globals['_SAMPLINGOPTIONS']._serialized_start=46
   _globals['_SAMPLINGOPTIONS']._serialized_end=728
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=594
@@ -54,31 +54,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLINKADDRESS']._serialized_start=957
   _globals['_KVLINKADDRESS']._serialized_end=1017
   _globals['_GENERATEREQUEST']._serialized_start=1020
-  _globals['_GENERATEREQUEST']._serialized_end=1156
-  _globals['_TOKENCHUNK']._serialized_start=1159
-  _globals['_TOKENCHUNK']._serialized_end=1441
-  _globals['_PREFILLREQUEST']._serialized_start=1444
-  _globals['_PREFILLREQUEST']._serialized_end=1700
-  _globals['_PREFILLRESPONSE']._serialized_start=1703
-  _globals['_PREFILLRESPONSE']._serialized_end=1923
-  _globals['_CANCELREQUEST']._serialized_start=1925
-  _globals['_CANCELREQUEST']._serialized_end=1960
-  _globals['_CANCELRESPONSE']._serialized_start=1962
-  _globals['_CANCELRESPONSE']._serialized_end=1993
-  _globals['_HEALTHREQUEST']._serialized_start=1995
-  _globals['_HEALTHREQUEST']._serialized_end=2010
-  _globals['_HEALTHRESPONSE']._serialized_start=2012
-  _globals['_HEALTHRESPONSE']._serialized_end=2087
-  _globals['_LOADREQUEST']._serialized_start=2089
-  _globals['_LOADREQUEST']._serialized_end=2150
-  _globals['_LOADREPORT']._serialized_start=2153
-  _globals['_LOADREPORT']._serialized_end=2629
-  _globals['_GRAMMARSPEC']._serialized_start=2631
-  _globals['_GRAMMARSPEC']._serialized_end=2733
-  _globals['_TOKENSEQUENCE']._serialized_start=2735
-  _globals['_TOKENSEQUENCE']._serialized_end=2769
-  _globals['_DECODEWORKER']._serialized_start=3417
-  _globals['_DECODEWORKER']._serialized_end=3696
-  _globals['_PREFILLWORKER']._serialized_start=3699
-  _globals['_PREFILLWORKER']._serialized_end=3980
+  _globals['_GENERATEREQUEST']._serialized_end=1197
+  _globals['_TOKENCHUNK']._serialized_start=1200
+  _globals['_TOKENCHUNK']._serialized_end=1482
+  _globals['_PREFILLREQUEST']._serialized_start=1485
+  _globals['_PREFILLREQUEST']._serialized_end=1782
+  _globals['_PREFILLRESPONSE']._serialized_start=1785
+  _globals['_PREFILLRESPONSE']._serialized_end=2035
+  _globals['_CANCELREQUEST']._serialized_start=2037
+  _globals['_CANCELREQUEST']._serialized_end=2072
+  _globals['_CANCELRESPONSE']._serialized_start=2074
+  _globals['_CANCELRESPONSE']._serialized_end=2105
+  _globals['_HEALTHREQUEST']._serialized_start=2107
+  _globals['_HEALTHREQUEST']._serialized_end=2122
+  _globals['_HEALTHRESPONSE']._serialized_start=2124
+  _globals['_HEALTHRESPONSE']._serialized_end=2199
+  _globals['_LOADREQUEST']._serialized_start=2201
+  _globals['_LOADREQUEST']._serialized_end=2262
+  _globals['_LOADREPORT']._serialized_start=2265
+  _globals['_LOADREPORT']._serialized_end=2741
+  _globals['_GRAMMARSPEC']._serialized_start=2743
+  _globals['_GRAMMARSPEC']._serialized_end=2845
+  _globals['_TOKENSEQUENCE']._serialized_start=2847
+  _globals['_TOKENSEQUENCE']._serialized_end=2881
+  _globals['_IMAGEINPUT']._serialized_start=2883
+  _globals['_IMAGEINPUT']._serialized_end=2982
+  _globals['_DECODEWORKER']._serialized_start=3630
+  _globals['_DECODEWORKER']._serialized_end=3909
+  _globals['_PREFILLWORKER']._serialized_start=3912
+  _globals['_PREFILLWORKER']._serialized_end=4193
 # @@protoc_insertion_point(module_scope)

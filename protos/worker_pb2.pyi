@@ -149,16 +149,18 @@ class KvLinkAddress(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., link_id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill_address")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill_address", "images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingOptions
     prefill_address: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., prefill_address: _Optional[str] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., prefill_address: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
     __slots__ = ("request_id", "token_ids", "logprobs", "finish_reason", "stop_token_id", "status", "prompt_tokens", "cached_prompt_tokens")
@@ -181,7 +183,7 @@ class TokenChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling", "kv_link", "dst_block_ids", "block_size", "num_dst_cached_blocks", "transfer_id", "mtp")
+    __slots__ = ("request_id", "token_ids", "sampling", "kv_link", "dst_block_ids", "block_size", "num_dst_cached_blocks", "transfer_id", "mtp", "images")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +193,7 @@ class PrefillRequest(_message.Message):
     NUM_DST_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     MTP_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingOptions
@@ -200,10 +203,11 @@ class PrefillRequest(_message.Message):
     num_dst_cached_blocks: int
     transfer_id: int
     mtp: bool
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., kv_link: _Optional[_Union[KvLinkAddress, _Mapping]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_dst_cached_blocks: _Optional[int] = ..., transfer_id: _Optional[int] = ..., mtp: _Optional[bool] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageInput]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., kv_link: _Optional[_Union[KvLinkAddress, _Mapping]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_dst_cached_blocks: _Optional[int] = ..., transfer_id: _Optional[int] = ..., mtp: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "first_token_logprob", "cached_tokens", "kv_bytes_sent", "status", "mtp_hidden")
+    __slots__ = ("request_id", "first_token_id", "first_token_logprob", "cached_tokens", "kv_bytes_sent", "status", "mtp_hidden", "mrope_position_delta")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +215,7 @@ class PrefillResponse(_message.Message):
     KV_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MTP_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    MROPE_POSITION_DELTA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     first_token_logprob: TokenLogprob
@@ -218,7 +223,8 @@ class PrefillResponse(_message.Message):
     kv_bytes_sent: int
     status: Status
     mtp_hidden: bytes
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., mtp_hidden: _Optional[bytes] = ...) -> None: ...
+    mrope_position_delta: int
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., kv_bytes_sent: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., mtp_hidden: _Optional[bytes] = ..., mrope_position_delta: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -305,3 +311,17 @@ class TokenSequence(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ImageInput(_message.Message):
+    __slots__ = ("patches", "grid_t", "grid_h", "grid_w", "content_hash")
+    PATCHES_FIELD_NUMBER: _ClassVar[int]
+    GRID_T_FIELD_NUMBER: _ClassVar[int]
+    GRID_H_FIELD_NUMBER: _ClassVar[int]
+    GRID_W_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    patches: bytes
+    grid_t: int
+    grid_h: int
+    grid_w: int
+    content_hash: str
+    def __init__(self, patches: _Optional[bytes] = ..., grid_t: _Optional[int] = ..., grid_h: _Optional[int] = ..., grid_w: _Optional[int] = ..., content_hash: _Optional[str] = ...) -> None: ...

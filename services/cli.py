@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny-model", help="write a tiny random GLM checkpoint (HF format) for tests and demos",
                        formatter_class=HelpWithDefaults)
-    t.add_argument("--arch", choices=["glm4_moe", "glm4_moe_lite"], default="glm4_moe",
-                   help="architecture: GLM-4.5/4.6 (glm4_moe) or GLM-4.7-Flash (glm4_moe_lite)")
+    t.add_argument("--arch", choices=["glm4_moe", "glm4_moe_lite", "glm4v_moe"], default="glm4_moe",
+                   help="architecture: GLM-4.5/4.6 (glm4_moe), GLM-4.7-Flash (glm4_moe_lite) or GLM-4.5V/4.6V "
+                        "(glm4v_moe, with its image processor's preprocessor_config.json)")
     t.add_argument("--out", required=True, help="directory to write the checkpoint and tokenizer to")
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     t.set_defaults(func=_cmd_tiny_model)

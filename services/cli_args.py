@@ -6,6 +6,7 @@ Every default comes from the config dataclasses (one source); `--help` shows it.
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import dataclasses
 from pathlib import Path
@@ -218,6 +219,10 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=r["chat_template"],
                    help="chat template (Jinja) file, or the template text itself, instead of the model's")
     p.add_argument("--tokenizer", default=r["tokenizer"], help="tokenizer directory (default: --model)")
+    p.add_argument("--allowed-local-media-path", default=r["allowed_local_media_path"],
+                   help="image_url parts may name local files (file:// or a path) under this directory only")
+    p.add_argument("--limit-mm-per-prompt", default=str(r["limit_mm_per_prompt"]),
+                   help='most images per request: N, or vLLM\'s JSON form \'{"image": N}\'')
 
 
 def router_config(args: argparse.Namespace, cache_dir: Path) -> RouterConfig:
@@ -231,7 +236,31 @@ def router_config(args: argparse.Namespace, cache_dir: Path) -> RouterConfig:
         decode=split(getattr(args, "decode", "")),
         api_key=args.api_key, chat_template=read_chat_template(args.chat_template),
         tokenizer=resolve_model_arg(args.tokenizer, cache_dir) if args.tokenizer else None,
+        allowed_local_media_path=_media_dir(args.allowed_local_media_path),
+        limit_mm_per_prompt=_image_limit(args.limit_mm_per_prompt),
     )
+
+
+def _media_dir(value: str | None) -> str | None:
+    if value is not None and not Path(value).is_dir():
+        raise SystemExit(f"--allowed-local-media-path: {value} is not a directory")
+    return value
+
+
+def _image_limit(text: str) -> int:
+    """--limit-mm-per-prompt: N or {"image": N} (video is not served: a nonzero video limit is refused)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise SystemExit(f'--limit-mm-per-prompt: expected N or {{"image": N}}, got {text!r}')
+    if isinstance(value, dict):
+        unknown = {k for k, v in value.items() if k != "image" and v}
+        if unknown:
+            raise SystemExit(f"--limit-mm-per-prompt: only images are served, not {', '.join(sorted(unknown))}")
+        value = value.get("image", ROUTER_DEFAULTS["limit_mm_per_prompt"])
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SystemExit(f"--limit-mm-per-prompt: the image limit must be an integer >= 0, got {value!r}")
+    return value
 
 
 def read_chat_template(value: str | None) -> str | None:

@@ -49,9 +49,8 @@ NOTES: dict[str, str] = {
     "--disable-log-requests": "glmserve does not log requests",
     "--disable-log-stats": "glmserve logs no periodic stats (see /metrics)",
     "--additional-config": "vllm-ascend options have no meaning on glmserve",
-    "--allowed-local-media-path": "vision (GLM-4.5V/4.6V) is not implemented; the server is text-only",
-    "--mm-encoder-tp-mode": "vision (GLM-4.5V/4.6V) is not implemented; the server is text-only",
-    "--mm-processor-cache-type": "vision (GLM-4.5V/4.6V) is not implemented; the server is text-only",
+    "--mm-encoder-tp-mode": "the vision encoder runs unsharded on each worker (no tensor parallelism yet)",
+    "--mm-processor-cache-type": "glmserve caches encoder outputs by image content on the worker (not configurable)",
 }
 
 # Refused: (why, our nearest equivalent).

@@ -17,6 +17,8 @@ from glmserve.bench.datasets import (SampleRequest, TextTokenizer, prefix_repeti
 from glmserve.bench.driver import drive
 from glmserve.bench.fit import fit_lengths, server_max_model_len
 from glmserve.bench.metrics import compute_metrics
+from glmserve.bench.mm_dataset import (DEFAULT_BUCKETS, DEFAULT_LIMIT, parse_buckets, parse_image_limit,
+                                       random_mm_requests)
 from glmserve.bench.options import normalize_options
 from glmserve.bench.report import DEFAULT_PERCENTILE_METRICS, WIDTH, build_result, format_report, write_result
 from glmserve.bench.spec_decode import format_section as format_spec_decode
@@ -38,7 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", choices=[COMPLETIONS_ENDPOINT, CHAT_ENDPOINT], default=None,
                         help=f"default: from --backend, else {COMPLETIONS_ENDPOINT}")
     parser.add_argument("--dataset", "--dataset-name", dest="dataset", default="random",
-                        help="random | sharegpt | prefix-repetition (vLLM's prefix_repetition too)")
+                        help="random | random-mm (random text and images, --backend openai-chat) | sharegpt | "
+                             "prefix-repetition (vLLM's prefix_repetition too)")
+    parser.add_argument("--random-mm-base-items-per-request", type=int, default=1,
+                        help="random-mm: images per request (mean)")
+    parser.add_argument("--random-mm-num-mm-items-range-ratio", type=float, default=0.0,
+                        help="random-mm: images per request uniform in [base*(1-r), base*(1+r)]")
+    parser.add_argument("--random-mm-limit-mm-per-prompt", default=DEFAULT_LIMIT,
+                        help='random-mm: most images per request, JSON {"image": N}')
+    parser.add_argument("--random-mm-bucket-config", default=DEFAULT_BUCKETS,
+                        help="random-mm: image sizes and their probabilities, {(height, width, 1): p, ...}")
     parser.add_argument("--dataset-path", default=None,
                         help="sharegpt: JSON list of {'conversations': [{'from'|'role', 'value'|'content'}]}")
     parser.add_argument("--num-prompts", type=int, default=100, help="requests to send")
@@ -97,6 +108,12 @@ def _load_tokenizer(path: str | None) -> TextTokenizer | None:
 def build_requests(args: argparse.Namespace, tokenizer: TextTokenizer | None) -> list[SampleRequest]:
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be at least 1")
+    if args.dataset == "random-mm":
+        return random_mm_requests(args.num_prompts, args.random_input_len, args.random_output_len,
+                                  args.random_range_ratio, args.seed, args.random_mm_base_items_per_request,
+                                  args.random_mm_num_mm_items_range_ratio,
+                                  parse_image_limit(args.random_mm_limit_mm_per_prompt),
+                                  parse_buckets(args.random_mm_bucket_config), tokenizer)
     if args.dataset == "random":
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.seed, tokenizer)
@@ -134,7 +151,7 @@ def _fit_to_server(args: argparse.Namespace) -> None:
     prefix = args.prefix_len + 1 if args.dataset == "prefix-repetition" else 0
     args.random_input_len, args.random_output_len = fit_lengths(
         args.random_input_len, args.random_output_len, limit, args.tokenizer is not None,
-        args.random_range_ratio if args.dataset == "random" else 0.0, prefix)
+        args.random_range_ratio if args.dataset in ("random", "random-mm") else 0.0, prefix)
 
 
 def run(args: argparse.Namespace) -> int:

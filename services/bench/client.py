@@ -43,7 +43,10 @@ def build_payload(endpoint: str, model: str, request: SampleRequest, temperature
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if endpoint == CHAT_ENDPOINT:
+    if endpoint == CHAT_ENDPOINT and request.images:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in request.images]
+        payload["messages"] = [{"role": "user", "content": parts + [{"type": "text", "text": request.prompt}]}]
+    elif endpoint == CHAT_ENDPOINT:
         payload["messages"] = [{"role": "user", "content": request.prompt}]
     else:
         payload["prompt"] = request.prompt

@@ -39,8 +39,9 @@ class TextTokenizer(Protocol):
 @dataclass(frozen=True)
 class SampleRequest:
     prompt: str
-    prompt_len: int | None  # tokens, when a tokenizer measured it
+    prompt_len: int | None  # tokens, when a tokenizer measured it (text only: images come on top)
     output_len: int
+    images: tuple[str, ...] = ()  # image data URLs (random-mm), sent before the text
 
 
 class RandomText:

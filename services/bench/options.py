@@ -16,7 +16,7 @@ from glmserve.bench.client import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT
 BACKEND_ENDPOINTS = {"vllm": COMPLETIONS_ENDPOINT, "openai": COMPLETIONS_ENDPOINT,
                      "openai-chat": CHAT_ENDPOINT, "vllm-chat": CHAT_ENDPOINT}
 DATASETS = {"random": "random", "sharegpt": "sharegpt", "prefix-repetition": "prefix-repetition",
-            "prefix_repetition": "prefix-repetition"}
+            "prefix_repetition": "prefix-repetition", "random-mm": "random-mm"}
 # vLLM datasets we do not build, and what to use instead.
 DATASET_NEAREST = {
     "hf": "needs the Hugging Face hub (and images for VisionArena); use --dataset-name sharegpt --dataset-path "
@@ -24,7 +24,6 @@ DATASET_NEAREST = {
     "sonnet": "use --dataset-name random or prefix_repetition",
     "burstgpt": "use --dataset-name random with --request-rate",
     "custom": "use --dataset-name sharegpt --dataset-path FILE.json",
-    "random-mm": "vision is not implemented; use --dataset-name random",
 }
 SECTIONS = ("ttft", "tpot", "itl", "e2el")
 
@@ -44,6 +43,8 @@ def normalize_options(args: argparse.Namespace) -> None:
         hint = DATASET_NEAREST.get(args.dataset, f"use one of {', '.join(DATASETS)}")
         raise ValueError(f"--dataset-name {args.dataset} is not supported: {hint}")
     args.dataset = DATASETS[args.dataset]
+    if args.dataset == "random-mm" and args.endpoint != CHAT_ENDPOINT:
+        raise ValueError("--dataset-name random-mm sends images in chat messages: use --backend openai-chat")
     if args.base_url is None:
         args.base_url = f"http://{args.host}:{args.port}"
     sections = [s.strip() for s in args.percentile_metrics.split(",") if s.strip()]

@@ -32,6 +32,7 @@ from glmserve.worker.convert import STATE_TO_PB, FINISH_TO_PB, params_from_pb, s
 from glmserve.worker.config import WorkerConfig
 from glmserve.worker.kv_device import kv_link_device
 from glmserve.worker.grpc_options import insecure_channel
+from glmserve.worker.images_pb import mm_from_pb
 from glmserve.worker.lifecycle import Lifecycle
 from glmserve.worker.mtp_hidden import hidden_from_bytes
 from glmserve.worker.load import load_report
@@ -98,19 +99,22 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, f"token ids must be < {vocab}", False)
         try:
             params, eos = params_from_pb(request.sampling)
+            mm = mm_from_pb(prompt, request.images, self.engine.model_config.vision) if request.images else None
         except ValueError as exc:
             raise RequestFailed(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False) from exc
-        return prompt, params, eos
+        return prompt, params, eos, mm
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.TokenChunk]:
         rid = request.request_id
-        prompt, params, eos = self._validate(request)
-        stream = self.async_engine.generate_remote(rid, prompt, params, eos, max_waiting=self.cfg.max_waiting_requests)
+        prompt, params, eos, mm = self._validate(request)
+        stream = self.async_engine.generate_remote(rid, prompt, params, eos, max_waiting=self.cfg.max_waiting_requests,
+                                                   mm=mm)
         # aclosing: however this generator ends, the stream ends too, which aborts the request in the
         # engine (freeing its blocks, after cancelling any transfer into them).
         async with contextlib.aclosing(stream):
             allocated = await self._admitted(stream, len(prompt))
-            first, cached, mtp_hidden = await self._prefill(request, prompt, allocated)
+            first, cached, mtp_hidden = await self._prefill(request, prompt, allocated,
+                                                            mm.delta if mm is not None else 0)
             self.async_engine.remote_kv_arrived(rid, first, cached, mtp_hidden)
             first_chunk = True
             async for out in stream:
@@ -141,9 +145,11 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             raise RequestFailed(pb.ERROR_CODE_CANCELLED, "cancelled before admission", False)
         return item
 
-    async def _prefill(self, request: pb.GenerateRequest, prompt: list[int], allocated: KVAllocated):
+    async def _prefill(self, request: pb.GenerateRequest, prompt: list[int], allocated: KVAllocated,
+                       mrope_delta: int = 0):
         """Have the prefill worker fill the blocks past D's cached prefix; returns (first token, P's
-        prefix-cached tokens)."""
+        prefix-cached tokens, the MTP hidden state or None). mrope_delta: this worker's M-RoPE offset, which
+        P's must equal."""
         rid, address = request.request_id, request.prefill_address
         blocks, local = allocated.block_ids, allocated.num_local_cached_tokens
         rx = self.link_server.receiver(address)
@@ -157,13 +163,16 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         block_size = self.engine.pool.block_size
         preq = pb.PrefillRequest(request_id=rid, token_ids=prompt, sampling=request.sampling, kv_link=kv_link,
                                  dst_block_ids=blocks, block_size=block_size, transfer_id=tid,
-                                 num_dst_cached_blocks=local // block_size, mtp=mtp)
+                                 num_dst_cached_blocks=local // block_size, mtp=mtp, images=request.images)
         self._prefill_of[rid] = address
         done = False
         try:
             resp = await self._prefill_stub(address).Prefill(preq, timeout=self.cfg.prefill_timeout)
             if resp.status.code != pb.ERROR_CODE_OK:
                 raise RequestFailed(resp.status.code, f"prefill {address}: {resp.status.message}", resp.status.retriable)
+            if resp.mrope_position_delta != mrope_delta:  # P laid the images out otherwise: its KV is not ours
+                raise RequestFailed(pb.ERROR_CODE_INTERNAL, f"prefill {address} placed the images at M-RoPE offset "
+                                    f"{resp.mrope_position_delta}, this worker at {mrope_delta}", False)
             await asyncio.wait_for(asyncio.wrap_future(handle.future), self.cfg.kv_timeout)
             hidden = self._mtp_hidden(resp, address) if mtp else None
             done = True

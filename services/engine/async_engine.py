@@ -26,6 +26,7 @@ class _Add:
     eos_token_ids: frozenset[int] | None
     remote_prefill: bool = False
     max_waiting_remote: int | None = None
+    mm: object = None  # MultiModalPrompt of a vision model's request
 
 
 @dataclass
@@ -82,24 +83,25 @@ class AsyncEngine:
 
     # -- API for asyncio callers ---------------------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       eos_token_ids: frozenset[int] | None = None) -> AsyncIterator[EngineOutput]:
+                       eos_token_ids: frozenset[int] | None = None, mm=None) -> AsyncIterator[EngineOutput]:
         """Stream outputs; leaving the iterator early (cancel, break, aclose) aborts the request."""
         if self.dead is not None:
             raise EngineError(f"engine stopped: {self.dead!r}")
         await self.prepare(params)
-        async for out in self._stream(request_id, _Add(request_id, prompt_token_ids, params, eos_token_ids)):
+        command = _Add(request_id, prompt_token_ids, params, eos_token_ids, mm=mm)
+        async for out in self._stream(request_id, command):
             yield out
 
     async def generate_remote(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                              eos_token_ids: frozenset[int] | None = None,
-                              max_waiting: int | None = None) -> AsyncIterator[KVAllocated | EngineOutput]:
+                              eos_token_ids: frozenset[int] | None = None, max_waiting: int | None = None,
+                              mm=None) -> AsyncIterator[KVAllocated | EngineOutput]:
         """A request whose prompt KV a prefill worker computes. Yields KVAllocated once its blocks are
         held; the caller then has the KV sent and calls remote_kv_arrived, after which the outputs
         follow (the first repeats the prefill worker's token). Leaving early aborts, at any stage."""
         if self.dead is not None:
             raise EngineError(f"engine stopped: {self.dead!r}")
         await self.prepare(params)
-        command = _Add(request_id, prompt_token_ids, params, eos_token_ids, True, max_waiting)
+        command = _Add(request_id, prompt_token_ids, params, eos_token_ids, True, max_waiting, mm=mm)
         async for item in self._stream(request_id, command):
             yield item
 
@@ -159,7 +161,8 @@ class AsyncEngine:
         if isinstance(cmd, _Add):
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.eos_token_ids,
-                                        remote_prefill=cmd.remote_prefill, max_waiting_remote=cmd.max_waiting_remote)
+                                        remote_prefill=cmd.remote_prefill, max_waiting_remote=cmd.max_waiting_remote,
+                                        mm=cmd.mm)
             except Exception as exc:  # refused: tell only that request
                 self.deliver(cmd.request_id, exc)
         elif isinstance(cmd, _RemoteKVArrived):

@@ -13,12 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHS = ("glm4_moe", "glm4_moe_lite")
+from glmserve.engine.vision_config import VisionConfig, parse_vision_config
+
+SUPPORTED_ARCHS = ("glm4_moe", "glm4_moe_lite", "glm4v_moe")
 
 _ARCH_BY_CLASS = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+    "Glm4vMoeForConditionalGeneration": "glm4v_moe",
 }
+# Keys of a glm4v_moe config.json that live at its top level but describe the text model (they win over
+# text_config's: generation_config.json's ids are merged in at the top level).
+_VL_TOP_LEVEL_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id", "tie_word_embeddings", "torch_dtype", "dtype",
+                      "quantization_config", "compression_config")
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,9 @@ class ModelConfig:
     # Checkpoint dtype name as written in config.json ("bfloat16", ...).
     checkpoint_dtype: str = "bfloat16"
     quant: QuantConfig | None = None
+    # glm4v_moe: the vision tower, and M-RoPE's split of the rotary frequencies over (t, h, w).
+    vision: VisionConfig | None = None
+    mrope_section: tuple[int, ...] = ()
 
     @property
     def is_mla(self) -> bool:
@@ -169,8 +179,23 @@ def _quant(raw: dict[str, Any]) -> QuantConfig | None:
     raise ValueError(f"unsupported quantization_config: {method!r} (glmserve loads FP8 compressed-tensors)")
 
 
+def _flatten_vl(raw: dict[str, Any]) -> dict[str, Any]:
+    """A glm4v_moe config.json as one text-model dict (text_config + the top-level keys that describe it)."""
+    flat = dict(raw.get("text_config") or {})
+    for key in _VL_TOP_LEVEL_KEYS:
+        if raw.get(key) is not None:
+            flat[key] = raw[key]
+    return flat
+
+
 def parse_hf_config(raw: dict[str, Any]) -> ModelConfig:
     arch = _arch_of(raw)
+    if arch == "glm4v_moe":
+        text = _flatten_vl(raw)
+        params = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
+        section = tuple(int(x) for x in params.get("mrope_section", (8, 12, 12)))
+        text["model_type"] = "glm4_moe"
+        return parse_hf_config(text).replace(arch=arch, vision=parse_vision_config(raw), mrope_section=section)
     n_layers = int(raw["num_hidden_layers"])
     n_heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])

@@ -71,6 +71,8 @@ def graph_unsafe_reason(model: nn.Module, backend: AttentionBackend, device: tor
         return f"CUDA graphs need a CUDA device, got {torch.device(device).type!r}"
     if not getattr(backend, "supports_cuda_graphs", False):
         return f"attention backend {backend.name!r} has no graph-safe decode path"
+    if getattr(model, "cuda_graph_unsafe_reason", None):
+        return model.cuda_graph_unsafe_reason
     for name, module in model.named_modules():
         if isinstance(module, MoE) and module.experts_fn is experts_reference:
             return f"{name} uses the torch reference experts, which sync with the host (select the Triton kernels)"

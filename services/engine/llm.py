@@ -17,6 +17,7 @@ from glmserve.engine.outputs import CompletionOutput, EngineOutput, Logprob, Req
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.spec_decode.config import parse_speculative_config
 from glmserve.engine.tokenizer import Tokenizer
+from glmserve.engine.vision_config import ImageProcessorConfig
 
 @dataclass
 class _Sequence:
@@ -63,6 +64,10 @@ class LLM:
         model_dir = self.engine.loaded.model_dir
         self.tokenizer = Tokenizer(model_dir) if model_dir and (Path(model_dir) / "tokenizer.json").exists() else None
         self._ids = itertools.count()
+        # Vision models: how images become patches (the checkpoint's preprocessor_config.json).
+        self._image_cfg = None
+        if self.engine.model_config.vision is not None:
+            self._image_cfg = ImageProcessorConfig.from_dir(model_dir) if model_dir else ImageProcessorConfig()
 
     def get_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -84,13 +89,14 @@ class LLM:
         order = []
         for prompt, params in zip(prompt_list, params_list):
             text, ids = self._prompt(prompt)
+            ids, mm = self._images(prompt, ids)
             rid = str(next(self._ids))
             order.append(rid)
             results[rid] = RequestOutput(rid, text, ids, [], finished=False)
             for i in range(params.n):
                 sub = self._sub_params(params, i)
                 sub_id = f"{rid}-{i}"
-                self.engine.add_request(sub_id, ids, sub)
+                self.engine.add_request(sub_id, ids, sub, mm=mm)
                 seqs[sub_id] = (rid, self._new_sequence(i, sub, ids))
         bar = tqdm(total=len(seqs), desc="generating", disable=not use_tqdm)
         while self.engine.has_unfinished():
@@ -112,10 +118,18 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        from glmserve.engine.media import split_chat_images
+
         tok = self.get_tokenizer()
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = [{"prompt": tok.apply_chat_template(conv, tools=tools, add_generation_prompt=add_generation_prompt,
-                                                      **(chat_template_kwargs or {}))} for conv in conversations]
+        prompts = []
+        for conv in conversations:
+            conv, images = split_chat_images(conv, self._load_image_url)  # image parts -> placeholders
+            prompt: dict = {"prompt": tok.apply_chat_template(conv, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                              **(chat_template_kwargs or {}))}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -127,6 +141,29 @@ class LLM:
         if isinstance(prompt, dict) and "prompt" in prompt:
             return prompt["prompt"], self.get_tokenizer().encode(prompt["prompt"])
         raise TypeError("a prompt is a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}")
+
+    def _images(self, prompt: Any, ids: list[int]):
+        """(ids with each image placeholder widened to its image's tokens, MultiModalPrompt or None)."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if not data:
+            return ids, None
+        from glmserve.engine.mm_inputs import prepare_images
+
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise ValueError(f"multi_modal_data {unknown} is not supported (images only)")
+        if self._image_cfg is None:
+            raise ValueError(f"this model ({self.engine.model_config.arch}) takes no images")
+        images = data["image"] if isinstance(data["image"], (list, tuple)) else [data["image"]]
+        return prepare_images(ids, list(images), self.engine.model_config.vision, self._image_cfg)
+
+    @staticmethod
+    def _load_image_url(url: str):
+        from glmserve.engine.media import MediaError, image_from_data_url
+
+        if url.startswith("data:"):
+            return image_from_data_url(url)
+        raise MediaError("offline image_url parts take data: URLs; pass other images as image_pil parts")
 
     @staticmethod
     def _sub_params(params: SamplingParams, i: int) -> SamplingParams:

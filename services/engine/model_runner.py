@@ -17,8 +17,10 @@ from glmserve.engine.attention.backend import AttentionBackend, KVCacheSpec
 from glmserve.engine.attention.context import SeqChunk
 from glmserve.engine.config import CacheConfig, ModelConfig
 from glmserve.engine.cuda_graphs import DEFAULT_MAX_BATCH_SIZE, CudaGraphRunner, graph_unsafe_reason
+from glmserve.engine.encoder_cache import EncoderCache
 from glmserve.engine.kernel_selection import select_kernels
 from glmserve.engine.kv_cache import allocate_kv_caches, kv_cache_spec
+from glmserve.engine.mm_step import MultiModalStepBuilder
 from glmserve.engine.scheduler import ScheduledChunk
 from glmserve.engine.step_inputs import StepInputBuilder
 
@@ -81,6 +83,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.spec, num_kv_layers, self.num_blocks, dtype, device)
         self.kernels = select_kernels(model, device)  # which kernels were chosen: the benchmarks report it
         self.inputs = StepInputBuilder(min(self.num_blocks, -(-max_len // self.block_size) + 1), self.block_size, device)
+        # Vision models: M-RoPE positions and image embeddings per step, encoder outputs cached by image.
+        self.mm = MultiModalStepBuilder(model, EncoderCache()) if hasattr(model, "encode_images") else None
         self.graphs: CudaGraphRunner | None = None
         self.cuda_graph_disabled_reason: str | None = "disabled by configuration"
         if enable_cuda_graph and cuda_graph_max_batch_size > 0:
@@ -120,7 +124,11 @@ class ModelRunner:
         else:
             input_ids, ctx = self.inputs.build(chunks, self.kv_caches, on_layer_done)
             self.backend.prepare(ctx)
-            hidden = self.model(input_ids, ctx.positions, ctx)
+            if self.mm is not None:
+                positions, image_embeds, image_rows = self.mm.build(chunks, ctx.positions)
+                hidden = self.model(input_ids, positions, ctx, image_embeds=image_embeds, image_rows=image_rows)
+            else:
+                hidden = self.model(input_ids, ctx.positions, ctx)
         ends, sample_chunks, end = [], [], 0
         for c in chunks:
             end += c.num_new_tokens

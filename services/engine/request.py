@@ -10,12 +10,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from glmserve.engine.sampler import SampledToken
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.prefix_hash import extend_chain
+
+if TYPE_CHECKING:
+    from glmserve.engine.mm_inputs import MultiModalPrompt
 
 
 class RequestStatus(enum.Enum):
@@ -55,6 +59,8 @@ class Request:
     first_scheduled_time: float | None = None
     generator: torch.Generator | None = None
     _block_hashes: list[int] = field(default_factory=list)
+    # The prompt's images and M-RoPE positions (multimodal models only).
+    mm: MultiModalPrompt | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -96,7 +102,12 @@ class Request:
     def block_hashes(self, block_size: int) -> list[int]:
         """Chained hashes of every full block of the request's tokens; only new blocks are hashed."""
         if len(self._block_hashes) < len(self.token_ids) // block_size:
-            extend_chain(self._block_hashes, self.token_ids, block_size)
+            if self.mm is not None:  # image content is part of the key (engine/mm_inputs.py)
+                from glmserve.engine.mm_inputs import extend_chain_mm
+
+                extend_chain_mm(self._block_hashes, self.token_ids, block_size, self.mm)
+            else:
+                extend_chain(self._block_hashes, self.token_ids, block_size)
         return self._block_hashes
 
     def append_token(self, sampled: SampledToken) -> None:

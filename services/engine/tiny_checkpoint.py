@@ -263,6 +263,12 @@ def write_tiny_checkpoint(
 
     Returns {"model_dir", "config" (the config.json dict), "files", "weight_names", "num_params"}.
     """
+    if arch == "glm4v_moe":  # the vision-language model has its own writer
+        from glmserve.engine.tiny_vl_checkpoint import write_tiny_vl_checkpoint
+
+        return write_tiny_vl_checkpoint(out_dir, seed=seed, vocab_size=vocab_size, eos_token_ids=eos_token_ids,
+                                        bos_token_id=bos_token_id, pad_token_id=pad_token_id, overrides=overrides,
+                                        shards=shards if shards > 1 else 0, fp8=fp8, config_layout=config_layout)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})

@@ -18,6 +18,7 @@ from glmserve.worker.mtp_hidden import hidden_to_bytes
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.worker.convert import STATE_TO_PB, params_from_pb, token_logprob_to_pb
 from glmserve.worker.config import WorkerConfig
+from glmserve.worker.images_pb import mm_from_pb
 from glmserve.worker.kv_device import kv_link_device
 from glmserve.worker.lifecycle import Lifecycle
 from glmserve.worker.load import load_report
@@ -52,6 +53,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                           f"block size {request.block_size} != this worker's {self.engine.pool.block_size}", False)
         try:
             params, eos = params_from_pb(request.sampling)
+            mm = (mm_from_pb(list(request.token_ids), request.images, self.engine.model_config.vision)
+                  if request.images else None)
         except ValueError as exc:
             return _error(pb.ERROR_CODE_INVALID_REQUEST, str(exc), False)
         if request.mtp and not self.mtp:
@@ -72,7 +75,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             transfer = Transfer(sender, request.transfer_id, sent_upto=dst_cached, mtp=request.mtp)
             self.streamer.register(rid, transfer)
             first, num_cached = None, 0
-            stream = self.async_engine.generate(rid, list(request.token_ids), params, eos)
+            stream = self.async_engine.generate(rid, list(request.token_ids), params, eos, mm=mm)
             async with contextlib.aclosing(stream):  # a cancelled call aborts the request at once
                 async for out in stream:
                     if out.new_token_ids:
@@ -83,7 +86,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             sent = await asyncio.wait_for(asyncio.wrap_future(sender.finish(request.transfer_id)),
                                           self.cfg.kv_timeout)
             resp = pb.PrefillResponse(request_id=rid, first_token_id=first[0], cached_tokens=num_cached,
-                                      kv_bytes_sent=int(sent or 0))
+                                      kv_bytes_sent=int(sent or 0),
+                                      mrope_position_delta=mm.delta if mm is not None else 0)
             if first[1] is not None:
                 resp.first_token_logprob.CopyFrom(token_logprob_to_pb(first[1]))
             if transfer.mtp:

@@ -47,8 +47,9 @@ class GenerationBackend(ABC):
 
     @abstractmethod
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int] | None = None) -> AsyncIterator[TokenDelta]:
-        """Stream a request's tokens. Closing the stream early cancels the request everywhere."""
+                 eos_token_ids: frozenset[int] | None = None, mm=None) -> AsyncIterator[TokenDelta]:
+        """Stream a request's tokens. Closing the stream early cancels the request everywhere.
+        mm: the prompt's images (engine.mm_inputs.MultiModalPrompt), for a vision model."""
 
     async def start(self) -> None: ...
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from glmserve.engine.media import DEFAULT_MAX_IMAGE_PIXELS
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -23,3 +25,10 @@ class RouterConfig:
     api_key: str | None = None  # required as a Bearer token (or x-api-key) when set
     chat_template: str | None = None  # replaces the model's chat template
     tokenizer: str | None = None  # tokenizer directory, when not the model's
+    # Images (GLM-4.xV models): local files only under this directory; at most this many per request;
+    # http(s) images are fetched with this timeout and byte cap; decoded pixels per image are capped.
+    allowed_local_media_path: str | None = None
+    limit_mm_per_prompt: int = 16
+    media_fetch_timeout: float = 10.0
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS

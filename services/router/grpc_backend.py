@@ -15,6 +15,7 @@ from glmserve.router.backend import BackendError, GenerationBackend, ModelInfo, 
 from glmserve.router.migration import WorkerStalled, can_resume, next_chunk, nothing_left, resumed_params
 from glmserve.router.worker_pool import WorkerPool
 from glmserve.worker.convert import FINISH_FROM_PB, params_to_pb, sampled_from_pb
+from glmserve.worker.images_pb import images_to_pb
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class DisaggregatedBackend(GenerationBackend):
     def describe(self) -> dict:
         return self.pool.describe()
 
-    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None):
+    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None, mm=None):
+        images = images_to_pb(mm)  # the router's patches, to the decode worker and on to the prefill worker
         want_logprobs = params.logprobs is not None
         tried: set[str] = set()
         streamed: list[int] = []  # tokens the caller already has; a later attempt resumes after them
@@ -74,7 +76,8 @@ class DisaggregatedBackend(GenerationBackend):
                 raise BackendError("no healthy " + ("decode" if decode is None else "prefill") + " worker", retriable=True)
             tried.add(decode.address)
             req = pb.GenerateRequest(request_id=request_id if attempt == 0 else f"{request_id}.r{attempt}",
-                                     prompt_token_ids=prompt, sampling=sampling, prefill_address=prefill.address)
+                                     prompt_token_ids=prompt, sampling=sampling, prefill_address=prefill.address,
+                                     images=images)
             call = decode.stub.Generate(req)
             decode.inflight += 1
             prefill.inflight += 1

@@ -21,15 +21,21 @@ from glmserve.router.serving_common import (ChoiceRun, RequestTiming, chat_logpr
 from glmserve.router.state import RouterState
 from glmserve.router.structured_request import make_spec, requested_grammar
 from glmserve.router.tool_grammar import tool_call_structural_tag
+from glmserve.router.vision_inputs import VisionInputs
 
 
-def _messages(body: ChatCompletionRequest) -> list[dict]:
+def _messages(body: ChatCompletionRequest, vision: VisionInputs | None = None) -> tuple[list[dict], list[str]]:
+    """Messages with text content, and the image URLs in order (image parts become the model's image
+    placeholder when the model takes images)."""
+    raw = [m.model_dump(exclude_none=True) for m in body.messages]
+    urls: list[str] = []
+    if vision is not None:
+        raw, urls = vision.split(raw)
     out = []
-    for m in body.messages:
-        d = m.model_dump(exclude_none=True)
-        if isinstance(m.content, list):
+    for d in raw:
+        if isinstance(d.get("content"), list):
             texts = []
-            for part in m.content:
+            for part in d["content"]:
                 if part.get("type") == "text":
                     texts.append(part.get("text", ""))
                 else:
@@ -37,7 +43,7 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
                                    param="messages")
             d["content"] = "".join(texts)
         out.append(d)
-    return out
+    return out, urls
 
 
 def _forces_tool_call(body: ChatCompletionRequest, tool_parser: str | None) -> bool:
@@ -87,8 +93,9 @@ class ChatHandler:
         kwargs = dict(body.chat_template_kwargs or {})
         thinking = bool(kwargs.get("enable_thinking", True))
         forced = _forces_tool_call(body, st.config.tool_call_parser)
+        messages, image_urls = _messages(body, st.vision)
         try:
-            prompt = st.tokenizer.apply_chat_template(_messages(body), tools=tools,
+            prompt = st.tokenizer.apply_chat_template(messages, tools=tools,
                                                       add_generation_prompt=body.add_generation_prompt, **kwargs)
         except APIError:
             raise
@@ -104,6 +111,9 @@ class ChatHandler:
         grammar, tool_grammar = _grammar(body, tools, st.config.tool_call_parser,
                                          st.tokenizer.token_to_id("</think>") if reasoning_first else None)
         prompt_ids = st.tokenizer.encode(prompt)
+        mm = None
+        if image_urls:  # fetched, decoded and patched here; the placeholders widen to each image's tokens
+            prompt_ids, mm = await st.vision.prepare(prompt_ids, image_urls)
         info = st.backend.model_info()
         max_tokens = max_tokens_for(body.max_completion_tokens or body.max_tokens, len(prompt_ids), info)
         n_logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -124,7 +134,7 @@ class ChatHandler:
         request_id = new_id("chatcmpl")
         timing = RequestTiming(st.metrics)
         st.metrics.get("prompt_tokens").inc(len(prompt_ids))
-        run = ChoiceRun(st.backend, request_id, prompt_ids, make_stream, per_choice_params(params), timing)
+        run = ChoiceRun(st.backend, request_id, prompt_ids, make_stream, per_choice_params(params), timing, mm=mm)
         created = int(time.time())
         if body.stream:
             events = self._stream(run, body, request_id, created)

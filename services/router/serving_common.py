@@ -73,6 +73,7 @@ class ChoiceRun:
     num_cached_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: list[str | None] = field(default_factory=list)
+    mm: object = None  # the prompt's images (vision models), passed to the backend with every choice
 
     def __post_init__(self) -> None:
         first = self.params[0] if self.params else None
@@ -80,7 +81,8 @@ class ChoiceRun:
                        self.backend.capacity_tokens())
 
     async def _one(self, index: int, queue: asyncio.Queue) -> None:
-        stream = self.backend.generate(f"{self.request_id}-{index}", self.prompt_token_ids, self.params[index])
+        extra = {"mm": self.mm} if self.mm is not None else {}
+        stream = self.backend.generate(f"{self.request_id}-{index}", self.prompt_token_ids, self.params[index], **extra)
         choice = self.make_stream(index)
         try:
             async for delta in stream:

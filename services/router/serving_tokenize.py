@@ -53,6 +53,11 @@ def tokenize(st: RouterState, body: TokenizeRequest) -> dict:
         if body.continue_final_message:
             raise APIError(400, "continue_final_message is not supported", param="continue_final_message")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        for m in messages:  # the chat template would drop image parts: refuse rather than miscount
+            if isinstance(m.get("content"), list) and any(
+                    isinstance(part, dict) and part.get("type") not in (None, "text") for part in m["content"]):
+                raise APIError(400, "/tokenize counts text parts only (image token counts: see the usage of a "
+                                    "chat completion)", param="messages")
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         try:
             text = st.tokenizer.apply_chat_template(messages, tools=tools,

@@ -12,6 +12,7 @@ from glmserve.router.backend import GenerationBackend
 from glmserve.router.config import RouterConfig
 from glmserve.router.errors import APIError
 from glmserve.router.request_params import SamplingDefaults
+from glmserve.router.vision_inputs import VisionInputs
 
 
 def sampling_defaults(model_dir: str | Path) -> SamplingDefaults:
@@ -32,6 +33,7 @@ class RouterState:
     defaults: SamplingDefaults
     tool_parser_cls: type | None = None
     reasoning_parser_cls: type | None = None
+    vision: VisionInputs | None = None  # image handling, for GLM-4.xV models
 
     @classmethod
     def build(cls, config: RouterConfig, backend: GenerationBackend, metrics: ServiceMetrics) -> "RouterState":
@@ -52,6 +54,7 @@ class RouterState:
             defaults=sampling_defaults(config.model),
             tool_parser_cls=get_tool_parser(config.tool_call_parser) if config.tool_call_parser else None,
             reasoning_parser_cls=get_reasoning_parser(config.reasoning_parser) if config.reasoning_parser else None,
+            vision=VisionInputs.for_model(config),
         )
 
     def check_model(self, name: str | None) -> None:

@@ -31,9 +31,9 @@ class InProcessBackend(GenerationBackend):
         pool = self.async_engine.engine.pool
         return pool.num_blocks * pool.block_size
 
-    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None):
+    async def generate(self, request_id, prompt_token_ids, params, eos_token_ids=None, mm=None):
         try:
-            async for out in self.async_engine.generate(request_id, prompt_token_ids, params, eos_token_ids):
+            async for out in self.async_engine.generate(request_id, prompt_token_ids, params, eos_token_ids, mm=mm):
                 yield TokenDelta(out.new_token_ids, out.new_logprobs, out.finished, out.finish_reason,
                                  out.stop_reason, out.num_prompt_tokens, out.num_cached_tokens)
         except RequestError as exc:

@@ -9,6 +9,7 @@ from torch import nn
 _MODELS: dict[str, str] = {
     "glm4_moe": "glmserve.engine.models.glm4_moe:Glm4MoeForCausalLM",
     "glm4_moe_lite": "glmserve.engine.models.glm4_moe_lite:Glm4MoeLiteForCausalLM",
+    "glm4v_moe": "glmserve.engine.models.glm4v_moe:Glm4vMoeForConditionalGeneration",
 }
 
 
