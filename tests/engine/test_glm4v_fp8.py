@@ -66,7 +66,7 @@ def test_checkpoint_has_the_fp8_release_layout(dirs):
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in fp8_names
     assert "model.language_model.layers.1.mlp.experts.5.down_proj.weight" in fp8_names
     assert all(k + "_scale" in files for k in fp8_names)
-    kept = [k for k in files if k.startswith("model.visual.") or k.startswith("lm_head") or k.endswith("mlp.gate.weight")]
+    kept = [k for k in files if k.startswith(("model.visual.", "lm_head")) or k.endswith("mlp.gate.weight")]
     assert kept and not any(files[k].dtype == torch.float8_e4m3fn for k in kept)
 
 
@@ -127,3 +127,13 @@ def test_keep_fp8_model_with_images_matches_the_dequantized_gemms(dirs, prompt, 
     out, errors = fp8_layer_errors(kept, run=lambda loaded: _logits(loaded, ims, ids))
     check_layer_errors(kept, out, errors)
     assert not any(n.startswith("visual.") for n in errors)  # no FP8 GEMM in the tower
+
+
+def test_quantizing_a_loaded_vl_model_gives_the_fp8_checkpoint_model(dirs, prompt, kept):
+    """quantize_model_fp8 (dummy-weight benchmarks) leaves the tower alone, as the FP8 releases do."""
+    d, _ = dirs
+    _, ims, ids = prompt
+    q = load_ours(d)
+    assert fp8.quantize_model_fp8(q.model) > 0
+    assert all(m.fp8_gemm is None for m in q.model.visual.modules() if isinstance(m, Linear))
+    torch.testing.assert_close(_logits(q, ims, ids), _logits(kept, ims, ids), rtol=1e-5, atol=1e-5)
