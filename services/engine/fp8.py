@@ -12,8 +12,8 @@ How it loads (no model code changes, only the Linear hook in layers.py):
    [E, 2I] / [E, H] for the experts). Buffers, so load_named_weights never asks the checkpoint for them.
 3. The weight stream passes FP8 weights through untouched (fp8 -> fp8 copy) and takes `*.weight_scale`
    aside; `assign_scales` then writes each scale through the same name mapping as its weight (the
-   model's `checkpoint_target`, else hf_weight_target: experts, gate/up halves and MTP included). `input_scale` (static activation
-   scales) is ignored: activations are always quantized per token.
+   model's `checkpoint_target`, else hf_weight_target: experts, gate/up halves and MTP included).
+   `input_scale` (static activation scales) is ignored: activations are always quantized per token.
 4. `finish_fp8`: Linear layers get the FP8 GEMM hook, MoE layers FP8 experts; kv_b_proj is dequantized
    (MLA's absorbed attention reads it as per-head matrices, not through a GEMM).
 
