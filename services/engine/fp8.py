@@ -11,9 +11,9 @@ How it loads (no model code changes, only the Linear hook in layers.py):
    FP8 into an FP8 module: a float8 weight parameter and an fp32 scale *buffer* ([out] for a Linear,
    [E, 2I] / [E, H] for the experts). Buffers, so load_named_weights never asks the checkpoint for them.
 3. The weight stream passes FP8 weights through untouched (fp8 -> fp8 copy) and takes `*.weight_scale`
-   aside; `assign_scales` then writes each scale through the same name mapping as its weight
-   (hf_weight_target: experts, gate/up halves and MTP included). `input_scale` (static activation
-   scales) is ignored: activations are always quantized per token.
+   aside; `assign_scales` then writes each scale through the same name mapping as its weight (the
+   model's `checkpoint_target`, else hf_weight_target: experts, gate/up halves and MTP included).
+   `input_scale` (static activation scales) is ignored: activations are always quantized per token.
 4. `finish_fp8`: Linear layers get the FP8 GEMM hook, MoE layers FP8 experts; kv_b_proj is dequantized
    (MLA's absorbed attention reads it as per-head matrices, not through a GEMM).
 
@@ -35,7 +35,7 @@ from glmserve.engine.attention.capability import cuda_capability
 from glmserve.engine.config import ModelConfig
 from glmserve.engine.models.layers import Linear
 from glmserve.engine.models.moe import MoE
-from glmserve.engine.models.weight_utils import WeightLoadError, hf_weight_target
+from glmserve.engine.models.weight_utils import WeightLoadError, WeightTarget, hf_weight_target
 
 FP8_DTYPE = torch.float8_e4m3fn
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer have FP8 tensor cores
@@ -179,12 +179,19 @@ def _module_of(model: nn.Module, param: str) -> tuple[nn.Module | None, str]:
         return None, leaf
 
 
+def _target_fn(model: nn.Module) -> Callable[[str, ModelConfig], WeightTarget | None]:
+    """The model's own checkpoint-name mapping (glm4v_moe: `model.language_model.*`, `model.visual.*`),
+    else the text models' one; weights and their scales go through the same one."""
+    return getattr(model, "checkpoint_target", None) or hf_weight_target
+
+
 def convert_to_fp8(model: nn.Module, layout: Fp8Layout, cfg: ModelConfig) -> set[str]:
     """Make every module whose checkpoint weight is FP8 an FP8 module (works on the meta device).
     Returns the converted modules' names."""
     converted: set[str] = set()
+    target_fn = _target_fn(model)
     for name in layout.weights:
-        target = hf_weight_target(name, cfg)
+        target = target_fn(name, cfg)
         if target is None:
             continue
         module, leaf = _module_of(model, target.param)
@@ -223,8 +230,9 @@ def split_scales(weights, scales: dict[str, torch.Tensor]):
 def assign_scales(model: nn.Module, scales: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Write checkpoint scales into the scale buffers, through the weights' own name mapping. Every FP8
     module must end up with all its scales (the buffers start as NaN, so a gap shows)."""
+    target_fn = _target_fn(model)
     for name, scale in scales.items():
-        target = hf_weight_target(name[: -len("_scale")], cfg)
+        target = target_fn(name[: -len("_scale")], cfg)
         if target is None:
             continue
         buf = _scale_target(model, target.param)
@@ -300,6 +308,8 @@ def quantize_model_fp8(model: nn.Module, skip: tuple[str, ...] = ("lm_head", "he
     n = 0
     for name, module in list(model.named_modules()):
         leaf = name.rpartition(".")[2]
+        if name.startswith("visual."):
+            continue  # the VL models' vision tower: the FP8 releases keep it in bf16
         if isinstance(module, Linear) and leaf not in skip + DEQUANTIZED_MODULES and module.weight.dtype != FP8_DTYPE:
             w8, s = _quantize_rows(module.weight)
             module.weight = nn.Parameter(w8, requires_grad=False)

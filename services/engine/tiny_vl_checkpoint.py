@@ -51,16 +51,35 @@ def tiny_vl_hf_config(vocab_size: int, eos: list[int], bos: int | None, pad: int
     return Glm4vMoeConfig(text_config=text, vision_config=vision, **_TOKEN_IDS)
 
 
+def _quantize_text_model(path: Path) -> dict:
+    """Rewrite `path` as the FP8 releases (GLM-4.5V-FP8) store it: the text model's linear layers and experts
+    in FP8 with per-channel scales; the vision tower, lm_head and router gates as they were. Returns the
+    quantization_config."""
+    from safetensors.torch import load_file, save_file
+
+    from glmserve.engine.tiny_checkpoint import _quantize_all, fp8_quantization_config
+
+    weights = load_file(str(path))
+    visual = {k: v for k, v in weights.items() if k.startswith("model.visual.")}
+    text = _quantize_all({k: v for k, v in weights.items() if k not in visual})
+    save_file({**text, **visual}, str(path), metadata={"format": "pt"})
+    q = fp8_quantization_config()
+    q["ignore"] = [*q["ignore"], "re:model\\.visual\\..*"]
+    return q
+
+
 def write_tiny_vl_checkpoint(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1000,
                              eos_token_ids: Iterable[int] = (1,), bos_token_id: int | None = None,
                              pad_token_id: int | None = None, overrides: dict | None = None, **unsupported) -> dict:
-    """config.json, generation_config.json, preprocessor_config.json and model.safetensors."""
+    """config.json, generation_config.json, preprocessor_config.json and model.safetensors (fp8=True: the
+    text model quantized as in the FP8 releases)."""
     from transformers import Glm4vMoeForConditionalGeneration
 
     from glmserve.engine.tiny_checkpoint import _quiet_transformers, _randomise_
 
-    if any(unsupported.get(k) for k in ("fp8", "shards")) or unsupported.get("config_layout", "transformers") != "transformers":
-        raise ValueError(f"the tiny glm4v_moe checkpoint has one layout (no fp8, shards or published config): {unsupported}")
+    fp8 = bool(unsupported.pop("fp8", False))
+    if unsupported.get("shards") or unsupported.get("config_layout", "transformers") != "transformers":
+        raise ValueError(f"the tiny glm4v_moe checkpoint has one layout (no shards or published config): {unsupported}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eos = [int(e) for e in eos_token_ids]
@@ -74,6 +93,8 @@ def write_tiny_vl_checkpoint(out_dir: str | Path, *, seed: int = 0, vocab_size: 
     config = json.loads((out / "config.json").read_text())
     for k in ("transformers_version", "_name_or_path", "use_cache"):
         config.pop(k, None)
+    if fp8:
+        config["quantization_config"] = _quantize_text_model(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     gen_cfg = {"eos_token_id": eos, "do_sample": False}
     for key, value in (("bos_token_id", bos_token_id), ("pad_token_id", pad_token_id)):

@@ -119,9 +119,10 @@ def test_fp8_load_keeps_weights_and_scales_as_stored(fp8_dir, loaded_pair):
         torch.testing.assert_close(kv_b.weight, plain.model.model.layers[1].self_attn.kv_b_proj.weight)
 
 
-def fp8_layer_errors(loaded, **runner_kw) -> tuple[torch.Tensor, dict[str, float]]:
-    """Logits of a forward pass, and each FP8 GEMM's relative error against the same GEMM on dequantized
-    weights and unrounded inputs (Linear layers by name, experts under their MoE's name)."""
+def fp8_layer_errors(loaded, run=None, **runner_kw) -> tuple[torch.Tensor, dict[str, float]]:
+    """Logits of a forward pass (`run(loaded)`, else a text prompt), and each FP8 GEMM's relative error against
+    the same GEMM on dequantized weights and unrounded inputs (Linear layers by name, experts under their
+    MoE's name)."""
     from glmserve.kernels.fused_moe import fused_moe_ref
 
     errors: dict[str, float] = {}
@@ -149,7 +150,7 @@ def fp8_layer_errors(loaded, **runner_kw) -> tuple[torch.Tensor, dict[str, float
         elif isinstance(m, MoE):
             m.experts_fn = experts_hook(name, m, m.experts_fn)
     try:
-        out = run_chunks(model, loaded.config, IDS, [7, 1], **runner_kw)
+        out = run(loaded) if run else run_chunks(model, loaded.config, IDS, [7, 1], **runner_kw)
     finally:
         for h in handles:
             h.remove()

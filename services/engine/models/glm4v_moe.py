@@ -9,6 +9,9 @@ shifted by the request's M-RoPE offset and need nothing else.
 Checkpoint names: `model.language_model.*` (transformers 5) or `model.*` (the published layout) for the
 text model, `model.visual.*` for the tower, `lm_head.weight`. The published MTP layer
 (`model.layers.{num_hidden_layers}`) is not used (transformers ignores it too) and is skipped.
+FP8 checkpoints load as the text models' do (engine/fp8.py): whatever the checkpoint stores in FP8 (the
+text model's linear layers and experts; the tower too if it was quantized) is dequantized on the CPU
+and kept FP8 on FP8 GPUs; what its `ignore` list kept (lm_head, router gates, the tower) stays as stored.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Glm4vMoeForConditionalGeneration(GLMForCausalLM):
     layer_cls = Glm4MoeDecoderLayer
     # Decode positions carry a per-request M-RoPE offset the captured graphs do not model.
     cuda_graph_unsafe_reason = "glm4v_moe decode steps add each request's M-RoPE offset (not captured)"
+    # FP8 checkpoints (GLM-4.5V-FP8, GLM-4.6V-FP8): engine/fp8.py maps weights and scales through this.
+    checkpoint_target = staticmethod(vl_weight_target)
 
     @staticmethod
     def make_rotary(cfg: ModelConfig) -> MRotaryEmbedding:
@@ -55,9 +60,6 @@ class Glm4vMoeForConditionalGeneration(GLMForCausalLM):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, with_mtp: bool = False):
         if cfg.vision is None:
             raise ValueError(f"Glm4vMoeForConditionalGeneration needs a glm4v_moe config, got arch={cfg.arch!r}")
-        if cfg.quant is not None:
-            raise ValueError("FP8 glm4v_moe checkpoints (GLM-4.5V-FP8, GLM-4.6V-FP8) are not supported yet; "
-                             "use the bf16 release")
         super().__init__(cfg, backend, with_mtp=False)  # no MTP for the VL models
         self.visual = Glm4vVisionModel(cfg.vision)
 
