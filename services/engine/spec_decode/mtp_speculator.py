@@ -30,6 +30,8 @@ from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.request import Request, RequestStatus
 from glmserve.engine.sampler import SamplingRow
 from glmserve.engine.scheduler import ScheduledChunk
+from glmserve.engine.attention.context import SeqChunk
+from glmserve.engine.spec_decode.graphs import build_spec_graphs
 from glmserve.engine.spec_decode.rejection import accept_or_resample, draw, processed_probs
 
 
@@ -100,6 +102,14 @@ class MTPSpeculator:
         # Sampled requests: the distribution each draft was drawn from, [num drafts, V] (rejection sampling).
         self.draft_probs: dict[str, torch.Tensor] = {}
         self.stats = SpecDecodeStats()
+        # CUDA graphs of the verify and draft steps (graphs.py), or why there are none.
+        self.graphs, self.cuda_graph_disabled_reason = build_spec_graphs(engine, num_speculative_tokens)
+        self._pure_verify = False  # this step verified k drafts for every sequence and prefilled nothing
+
+    def cuda_graph_stats(self) -> dict:
+        if self.graphs is None:
+            return {"enabled": False, "reason": self.cuda_graph_disabled_reason}
+        return self.graphs.stats()
 
     def num_drafts_for(self, req: Request) -> int:
         """How many drafts a request may verify next step: none under a grammar (it constrains each token
@@ -125,21 +135,42 @@ class MTPSpeculator:
                 drafted[req.request_id] = (req, d[:n])
         self.drafts.clear()
         draft_probs, self.draft_probs = self.draft_probs, {}
+        graph_seqs = None
         try:
             plan = eng.scheduler.schedule()
             if not plan.is_empty():
                 runner = eng.runner
-                input_ids, ctx = runner.inputs.build(plan.chunks, runner.kv_caches)
+                graph_seqs = self._verify_graph_seqs(plan.chunks) if self.graphs is not None else None
+                if graph_seqs is not None:  # [last token + k drafts] of each sequence, drafts still appended
+                    q = self.k + 1
+                    graph_ids = [t for c in plan.chunks
+                                 for t in c.request.token_ids[c.request.num_computed_tokens:][:q]]
+                else:
+                    input_ids, ctx = runner.inputs.build(plan.chunks, runner.kv_caches)
         finally:
             for req, d in drafted.values():
                 del req.token_ids[len(req.token_ids) - len(d):]
         outputs = eng.settle_plan(plan)
         if plan.is_empty():
             return outputs
-        eng.runner.backend.prepare(ctx)
-        hidden = eng.loaded.model(input_ids, ctx.positions, ctx)
+        if graph_seqs is not None:
+            hidden = self.graphs.verify.run(graph_ids, graph_seqs)  # the graph's buffer: used up within this step
+        else:
+            eng.runner.backend.prepare(ctx)
+            hidden = eng.loaded.model(input_ids, ctx.positions, ctx)
         outputs += self._verify_and_draft(plan.chunks, hidden, drafted, draft_probs)
         return outputs
+
+    def _verify_graph_seqs(self, chunks: list[ScheduledChunk]) -> list[SeqChunk] | None:
+        """The step's sequences when it is a pure verify batch that a captured bucket holds: every chunk is
+        [last token + k drafts] (drafts appended to token_ids at this point). None: run eagerly."""
+        q = self.k + 1
+        for c in chunks:
+            r = c.request
+            if c.num_new_tokens != q or r.num_computed_tokens + q != r.num_tokens:
+                return None
+        seqs = [SeqChunk(c.request.block_ids, c.request.num_computed_tokens, q) for c in chunks]
+        return seqs if self.graphs.verify.can_run(seqs) else None
 
     def _verify_and_draft(self, chunks: list[ScheduledChunk], hidden: torch.Tensor,
                           drafted: dict[str, tuple[Request, list[int]]],
@@ -149,15 +180,19 @@ class MTPSpeculator:
         verify: list[tuple[Request, int, int, list[int]]] = []
         prefill_only: list[tuple[Request, int, int, int]] = []
         off = 0
+        pure = True
         for c in chunks:
             req, start, n = c.request, c.request.num_computed_tokens, c.num_new_tokens
             real = req.num_tokens
             if start + n >= real:  # the chunk reaches the real last token: sample there and verify drafts
                 d = drafted.get(req.request_id, (req, []))[1][: start + n - real]
                 verify.append((req, start, off, d))
+                pure = pure and n == self.k + 1 and len(d) == self.k
             else:
                 prefill_only.append((req, start, off, n))
+                pure = False
             off += n
+        self._pure_verify = pure
         # Logits of every verify row at once: the real last token, then each covered draft.
         row_index = [o + (r.num_tokens - 1 - s) + i for r, s, o, d in verify for i in range(len(d) + 1)]
         logits = (eng.loaded.model.compute_logits(hidden[torch.tensor(row_index, device=hidden.device)]).float()
@@ -261,6 +296,26 @@ class MTPSpeculator:
         self._draft([(req, req.num_tokens - 2, 0, 1, True)], hidden)
 
     # -- drafting ---------------------------------------------------------------------------------
+    def _draft_by_graph(self, jobs: list[tuple[Request, int, int, int, bool]], hidden: torch.Tensor) -> bool:
+        """Draft by one replay of the captured chain when the step was a pure verify batch of greedy
+        requests that all want k drafts; False (nothing done) otherwise."""
+        k, q = self.k, self.k + 1
+        if self.graphs is None or not self._pure_verify:
+            return False
+        for r, _, _, _, sampled in jobs:
+            if not (sampled and r.params.greedy and self.num_drafts_for(r) == k):
+                return False
+        seqs = [SeqChunk(r.block_ids, s, q) for r, s, _, _, _ in jobs]
+        if not self.graphs.draft.can_run(seqs):
+            return False
+        # MTP input at position p is the token at p + 1: the accepted drafts and the target's new token.
+        ids = [t for r, s, _, n, _ in jobs for t in r.token_ids[s + 1 : s + 1 + n] + [0] * (q - n)]
+        rows = torch.tensor([o + j for _, _, o, _, _ in jobs for j in range(q)], device=hidden.device)
+        drafts = self.graphs.draft.draft(seqs, ids, hidden[rows], [n - 1 for _, _, _, n, _ in jobs])
+        for (r, _, _, _, _), d in zip(jobs, drafts):
+            self.drafts[r.request_id] = d
+        return True
+
     def _mtp_pass(self, chunks: list[_Chunk], prev_hidden: torch.Tensor) -> torch.Tensor:
         runner = self.engine.runner
         ids, ctx = runner.inputs.build(chunks, runner.kv_caches)
@@ -272,6 +327,8 @@ class MTPSpeculator:
         Sampled requests never draft, so they skip it."""
         jobs = [j for j in jobs if j[3] > 0 and j[0].status is RequestStatus.RUNNING]
         if not jobs:
+            return
+        if self._draft_by_graph(jobs, hidden):
             return
         chunks = [_Chunk(_View(r.request_id, _Shifted(r.token_ids, 1), s, r.block_ids), n) for r, s, _, n, _ in jobs]
         rows = torch.cat([torch.arange(o, o + n) for _, _, o, n, _ in jobs]).to(hidden.device)
