@@ -178,7 +178,7 @@ def test_sampled_requests_verify_by_graph_and_draft_eagerly(lite):
     for e in (eager, graphed):
         _use_triton_attention(e)
     graphs = _install_stand_in_graphs(graphed, 2)
-    params = SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=6, min_tokens=6)
+    params = SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=5, min_tokens=5)
     out = []
     for e in (eager, graphed):
         for i, p in enumerate(prompts):

@@ -4,6 +4,11 @@ still exactly the output without speculation."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from glmserve import LLM, SamplingParams
@@ -53,3 +58,20 @@ def test_trained_k1_accepts_nearly_every_draft(trained):
     out, stats = _generate(trained, 1)
     assert out == _prompts()[1]
     assert stats.num_accepted_tokens >= 0.9 * stats.num_draft_tokens, stats
+
+
+def test_mtp_bench_runs_on_the_trained_checkpoint(trained, tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "mtp.json"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mtp_bench.py"), "--model-dir", str(trained),
+                           "--batches", "1", "--ks", "3", "--new-tokens", "12", "--repeats", "1", "--out", str(out)],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["environment"]["git_commit"] and "3 target layers" in data["checkpoint"]
+    (acc,) = data["acceptance"]
+    assert acc["k"] == 3 and acc["mean_acceptance_length"] >= 3.0 and len(acc["per_position"]) == 3
+    assert [(r["batch"], r["k"]) for r in data["decode"]] == [(1, 0), (1, 3)]
+    assert all(r["tokens_per_s"] > 0 and r["steps"] > 0 for r in data["decode"])
+    assert data["decode"][1]["steps"] < data["decode"][0]["steps"]  # several tokens per step
+    assert "Decode tokens/s" in proc.stdout

@@ -125,16 +125,17 @@ def _train(params, loss_and_margin, batches, eval_fn) -> tuple[int, float]:
     raise RuntimeError(f"training did not converge in {MAX_STEPS} steps (smallest margin {margin:.2f})")
 
 
-def train_mtp_model(out_dir: Path) -> Path:
-    """Build the tiny model in out_dir, train its target and MTP layer on the cycle, save; returns out_dir.
-    Writes train_info.json (steps, seconds, margins) next to the weights."""
+def train_mtp_model(out_dir: Path, num_layers: int = 3) -> Path:
+    """Build the tiny model (num_layers target layers, the first dense) in out_dir, train its target and MTP
+    layer on the cycle, save; returns out_dir. Writes train_info.json (steps, seconds, margins) beside it.
+    More target layers make the one MTP layer a smaller share of a step, as in the real models (1 in 48)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     started = time.monotonic()
     out_dir = Path(out_dir)
-    build_tiny_model("glm4_moe", out_dir, seed=SEED)
+    build_tiny_model("glm4_moe", out_dir, seed=SEED, overrides={"num_hidden_layers": num_layers})
     hf_logging.set_verbosity_error()  # the MTP layer's tensors are "unexpected" to transformers: expected
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)

@@ -28,7 +28,8 @@ import torch
 
 from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.request import Request, RequestStatus
-from glmserve.engine.sampler import SamplingRow
+from glmserve.engine.logits_processors import has_token_constraints
+from glmserve.engine.sampler import SamplingRow, _has_penalty
 from glmserve.engine.scheduler import ScheduledChunk
 from glmserve.engine.attention.context import SeqChunk
 from glmserve.engine.spec_decode.graphs import build_spec_graphs
@@ -201,7 +202,7 @@ class MTPSpeculator:
         for _, _, _, d in verify:
             base.append(b)
             b += len(d) + 1
-        if verify:  # grammars: requests under one never draft, so only their first row needs the mask
+        if verify and eng.structured.grammars:  # requests under a grammar never draft: only their first row
             rids = [r.request_id for r, _, _, _ in verify]
             with torch.inference_mode(False):  # the bitmask is filled on a helper thread, outside this mode
                 masks = eng.structured.begin_masks(rids)
@@ -212,7 +213,12 @@ class MTPSpeculator:
                 logits[first] = rows0
         new_tokens: list[list] = [[] for _ in verify]
         accepted = [0] * len(verify)
-        active = list(range(len(verify)))
+        # Greedy requests: every position's token from one sampler call (position i's history is the real
+        # tokens plus drafts before i, which is exactly what it is whenever position i is reached).
+        greedy = [v for v in range(len(verify)) if verify[v][0].params.greedy]
+        if greedy:
+            self._verify_greedy(greedy, verify, logits, base, new_tokens, accepted)
+        active = [v for v in range(len(verify)) if not verify[v][0].params.greedy]
         i = 0
         while active:
             # Sampled requests with a draft here go through rejection sampling; the rest through the sampler.
@@ -263,6 +269,38 @@ class MTPSpeculator:
                                         num_cached_tokens=max(req.num_cached_tokens, 0)))
         self._draft(mtp_jobs, hidden)
         return outputs
+
+    def _verify_greedy(self, group: list[int], verify, logits: torch.Tensor, base: list[int],
+                       new_tokens: list[list], accepted: list[int]) -> None:
+        """Accept each greedy request's longest matching draft prefix plus the target's next token."""
+        eng = self.engine
+        rows, index = [], []
+        for v in group:
+            req, _, _, d = verify[v]
+            eos = frozenset() if req.params.ignore_eos else req.eos_token_ids
+            p = req.params
+            # the history matters to min_tokens, penalties and bad words only: copy it only for them
+            exact = p.min_tokens > req.num_output_tokens or _has_penalty(p) or has_token_constraints(p)
+            for i in range(len(d) + 1):
+                hist = req.token_ids + d[:i] if exact and i else req.token_ids
+                rows.append(SamplingRow(p, hist, req.num_prompt_tokens, req.generator, eos))
+                index.append(base[v] + i)
+        sel = logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=logits.device)]
+        picked = eng.sampler(sel, rows)
+        j = 0
+        for v in group:
+            req, _, _, d = verify[v]
+            for i in range(len(d) + 1):
+                tok = picked[j + i]
+                req.append_token(tok)
+                if eng.structured.grammars:
+                    eng.structured.accept(req.request_id, tok.token_id)
+                req.check_stop()
+                new_tokens[v].append(tok)
+                if req.is_finished or i == len(d) or tok.token_id != d[i]:
+                    break
+                accepted[v] += 1
+            j += len(d) + 1
 
     def _rejection_step(self, logits: torch.Tensor, req: Request, draft: int, q: torch.Tensor):
         """The target's token at a draft position of a sampled request, with the target's logprobs."""
@@ -355,16 +393,17 @@ class MTPSpeculator:
                 r = want[j][0]
                 pos = r.num_tokens - 2 + step  # draft `step` (1-based) goes in at position num_tokens - 2 + step
                 chunks.append(_Chunk(_View(r.request_id, _Shifted([drafts[j][-1]], -pos), pos, r.block_ids), 1))
-            sel = torch.tensor(live, device=hidden.device)
-            h = self._mtp_pass(chunks, h[sel])
+            every = len(live) == len(want)
+            sel = None if every else torch.tensor(live, device=hidden.device)
+            h = self._mtp_pass(chunks, h if every else h[sel])
             tok = self._pick_drafts(self.mtp.compute_logits(h), [want[j][0] for j in live],
                                     [drafts[j] for j in live], [probs[j] for j in live])
             for j, t in zip(live, tok):
                 drafts[j].append(t)
-            # keep h aligned with `want` for the next step's selection
-            full = torch.zeros(len(want), h.shape[-1], dtype=h.dtype, device=h.device)
-            full[sel] = h
-            h = full
+            if not every:  # keep h aligned with `want` for the next step's selection
+                full = torch.zeros(len(want), h.shape[-1], dtype=h.dtype, device=h.device)
+                full[sel] = h
+                h = full
         for (r, _), d, q in zip(want, drafts, probs):
             self.drafts[r.request_id] = d
             if q:
