@@ -103,7 +103,8 @@ def _engine(model_dir, k: int, device: str = "cpu", graphs: bool = False, dtype:
     cfg = EngineConfig(model=str(model_dir), dtype=dtype, device=device, show_progress=False, seed=0,
                        prefill_attention_backend="triton" if device == "cuda" else "torch",
                        decode_attention_backend="triton" if device == "cuda" else "torch",
-                       cache=CacheConfig(block_size=BS), scheduler=SchedulerConfig(max_num_seqs=4),
+                       # an explicit pool: several engines live in one process, each cannot claim 85% of a GPU
+                       cache=CacheConfig(block_size=BS, num_blocks=256), scheduler=SchedulerConfig(max_num_seqs=4),
                        enable_cuda_graph=graphs, cuda_graph_max_batch_size=4,
                        speculative_algorithm="mtp", speculative_num_steps=k)
     return LLMEngine(cfg)
