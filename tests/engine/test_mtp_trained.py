@@ -75,3 +75,21 @@ def test_mtp_bench_runs_on_the_trained_checkpoint(trained, tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["steps"] > 0 for r in data["decode"])
     assert data["decode"][1]["steps"] < data["decode"][0]["steps"]  # several tokens per step
     assert "Decode tokens/s" in proc.stdout
+
+
+def test_penalties_and_min_tokens_over_accepted_drafts_match_no_speculation(trained):
+    """Greedy rows whose sampling depends on the history (penalties, min_tokens) verify every draft position
+    against the history up to it: same tokens as without MTP, with drafts both accepted and rejected."""
+    cycle = cycle_tokens()
+    # The prompt holds cycle tokens 30..33 up front: the penalties push them down when the cycle reaches them.
+    prompt = cycle_window(cycle, 30, 4) + cycle_window(cycle, 0, 8)
+    params = SamplingParams(temperature=0.0, max_tokens=32, min_tokens=24, repetition_penalty=3.0,
+                            frequency_penalty=0.5)
+    outs = []
+    for spec in (None, {"method": "mtp", "num_speculative_tokens": 3}):
+        llm = LLM(str(trained), dtype="float32", show_progress=False, speculative_config=spec)
+        outs.append(llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids)
+    assert outs[1] == outs[0]
+    assert outs[0][:22] == cycle_window(cycle, 8, 22) and outs[0][22] != cycle[30]  # the penalty changed course
+    stats = llm.engine.speculator.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens, stats
