@@ -26,12 +26,12 @@ from typing import Any, Sequence
 
 import torch
 
+from glmserve.engine.attention.context import SeqChunk
+from glmserve.engine.logits_processors import has_token_constraints
 from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.request import Request, RequestStatus
-from glmserve.engine.logits_processors import has_token_constraints
 from glmserve.engine.sampler import SamplingRow, _has_penalty
 from glmserve.engine.scheduler import ScheduledChunk
-from glmserve.engine.attention.context import SeqChunk
 from glmserve.engine.spec_decode.graphs import build_spec_graphs
 from glmserve.engine.spec_decode.rejection import accept_or_resample, draw, processed_probs
 
@@ -105,7 +105,8 @@ class MTPSpeculator:
         self.stats = SpecDecodeStats()
         # CUDA graphs of the verify and draft steps (graphs.py), or why there are none.
         self.graphs, self.cuda_graph_disabled_reason = build_spec_graphs(engine, num_speculative_tokens)
-        self._pure_verify = False  # this step verified k drafts for every sequence and prefilled nothing
+        # This step verified k drafts for every sequence and prefilled nothing (read once by _draft).
+        self._pure_verify = False
 
     def cuda_graph_stats(self) -> dict:
         if self.graphs is None:
@@ -335,10 +336,10 @@ class MTPSpeculator:
 
     # -- drafting ---------------------------------------------------------------------------------
     def _draft_by_graph(self, jobs: list[tuple[Request, int, int, int, bool]], hidden: torch.Tensor) -> bool:
-        """Draft by one replay of the captured chain when the step was a pure verify batch of greedy
-        requests that all want k drafts; False (nothing done) otherwise."""
+        """After a pure verify batch: draft by one replay of the captured chain when every request is greedy
+        and wants k drafts; False (nothing done) otherwise."""
         k, q = self.k, self.k + 1
-        if self.graphs is None or not self._pure_verify:
+        if self.graphs is None:
             return False
         for r, _, _, _, sampled in jobs:
             if not (sampled and r.params.greedy and self.num_drafts_for(r) == k):
@@ -363,10 +364,11 @@ class MTPSpeculator:
     def _draft(self, jobs: list[tuple[Request, int, int, int, bool]], hidden: torch.Tensor) -> None:
         """Run the MTP layer over each job's newly final positions, then chain it for the next drafts.
         Sampled requests never draft, so they skip it."""
+        pure, self._pure_verify = self._pure_verify, False  # set by this step's verification only
         jobs = [j for j in jobs if j[3] > 0 and j[0].status is RequestStatus.RUNNING]
         if not jobs:
             return
-        if self._draft_by_graph(jobs, hidden):
+        if pure and self._draft_by_graph(jobs, hidden):
             return
         chunks = [_Chunk(_View(r.request_id, _Shifted(r.token_ids, 1), s, r.block_ids), n) for r, s, _, n, _ in jobs]
         rows = torch.cat([torch.arange(o, o + n) for _, _, o, n, _ in jobs]).to(hidden.device)
