@@ -167,8 +167,10 @@ def tiny_flash_config():
         dense_layers=(True, False), num_nextn_predict_layers=0, max_position_embeddings=4096)
 
 
-def load_dummy_model(cfg, device: torch.device, dtype: torch.dtype, backend_name: str, seed: int = 0):
-    """The model of `cfg` with random weights on `device` (as load_format=dummy does), and its backend."""
+def load_dummy_model(cfg, device: torch.device, dtype: torch.dtype, backend_name: str, seed: int = 0,
+                     with_mtp: bool = False):
+    """The model of `cfg` with random weights on `device` (as load_format=dummy does), and its backend;
+    with_mtp: its MTP layer too (speculative decoding)."""
     from glmserve.engine.attention import registry
     from glmserve.engine.loader import build_model
     from glmserve.engine.weights import fill_dummy_weights
@@ -179,7 +181,7 @@ def load_dummy_model(cfg, device: torch.device, dtype: torch.dtype, backend_name
         backend = TritonAttentionBackend()  # under the interpreter (smoke mode)
     else:
         backend = registry.create(backend_name, device)
-    model = build_model(cfg, backend, dtype, device)
+    model = build_model(cfg, backend, dtype, device, with_mtp=with_mtp)
     with torch.no_grad():
         fill_dummy_weights(model, seed=seed)
     return model, backend
@@ -214,7 +216,8 @@ def spec_bandwidth_gbps(gpu_name: str | None) -> float | None:
     return None
 
 
-def ceilings_then_model(cfg, device: torch.device, dtype: torch.dtype, backend_name: str, args: argparse.Namespace):
+def ceilings_then_model(cfg, device: torch.device, dtype: torch.dtype, backend_name: str, args: argparse.Namespace,
+                        with_mtp: bool = False):
     """The ceilings measured in the same run, then the dummy model (FP8 when --fp8), timed:
     (ceilings, model, backend, load seconds)."""
     from ceilings import measure
@@ -223,8 +226,8 @@ def ceilings_then_model(cfg, device: torch.device, dtype: torch.dtype, backend_n
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the ceiling buffers (GiBs) go back before the model takes its ~60 GB
     t0 = time.perf_counter()
-    model, backend = load_dummy_model(cfg, device, dtype, backend_name)
-    if args.fp8:
+    model, backend = load_dummy_model(cfg, device, dtype, backend_name, with_mtp=with_mtp)
+    if getattr(args, "fp8", False):
         from glmserve.engine.fp8 import quantize_model_fp8
 
         quantize_model_fp8(model)

@@ -6,9 +6,10 @@
 # STEP: tests | ceilings | kernels | decode | decode-fp8 | prefill | all.  Writes STEP's JSON and log to OUT_DIR.
 # `all` runs tests, decode, decode-fp8 and prefill one after another, each under its own time limit so that
 # one failure does not eat the device time (about 8 minutes at most).
+# `mtp` (issue 10): the MTP CUDA-graph tests, then mtp_gpu_bench.py (about 4 minutes at most).
 # Packages the device image lacks (xgrammar and what it needs) travel as wheels in .whl/ (device README).
 set -u -o pipefail
-step=${1:?usage: gpu_session.sh tests|ceilings|kernels|decode|decode-fp8|prefill|all OUT_DIR}
+step=${1:?usage: gpu_session.sh tests|ceilings|kernels|decode|decode-fp8|prefill|all|mtp OUT_DIR}
 out=${2:?usage: gpu_session.sh STEP OUT_DIR}
 shift 2
 extra=("$@")  # passed on to the step's command: test ids for `tests`, flags for the benchmarks
@@ -45,5 +46,10 @@ case $step in
     echo "decode-fp8 rc=$?"; tail -12 "$out/decode_fp8.log"
     timeout 90 python3 benchmarks/prefill_bench.py --out "$out/prefill.json" >"$out/prefill.log" 2>&1
     echo "prefill rc=$?"; tail -12 "$out/prefill.log" ;;
+  mtp)
+    timeout 150 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests/engine/test_mtp_graphs.py >"$out/mtp_gpu_tests.log" 2>&1
+    echo "mtp tests rc=$?"; tail -25 "$out/mtp_gpu_tests.log"
+    timeout 200 python3 benchmarks/mtp_gpu_bench.py --out "$out/mtp_gpu.json" >"$out/mtp_gpu.log" 2>&1
+    echo "mtp bench rc=$?"; tail -25 "$out/mtp_gpu.log" ;;
   *) echo "unknown step $step"; exit 2 ;;
 esac

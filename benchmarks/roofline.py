@@ -91,3 +91,26 @@ def prefill_flops(cfg: ModelConfig, chunk: int, cached: int = 0) -> dict:
         attention = 4 * heads * cfg.head_dim * pairs
     attention *= cfg.num_hidden_layers
     return {"linear": linear, "attention": attention, "total": linear + attention}
+
+
+def mtp_layer_bytes(cfg: ModelConfig, batch: int, tokens_per_seq: int, context: int, weight_bytes: float = 2,
+                    kv_bytes: int = 2) -> float:
+    """Bytes one forward of the MTP layer over `tokens_per_seq` tokens of `batch` sequences reads: its decoder
+    layer (MoE, experts the tokens route to), eh_proj, its own lm_head, and its KV layer."""
+    p = layer_params(cfg)
+    touched = expected_experts_touched(cfg.n_routed_experts, cfg.num_experts_per_tok, batch * tokens_per_seq)
+    eh_proj = 2 * cfg.hidden_size * cfg.hidden_size
+    weights = (p.attention + eh_proj + p.shared_experts + touched * p.per_expert) * weight_bytes + p.router * 4
+    kv = batch * (context + tokens_per_seq) * kv_bytes_per_token(cfg, kv_bytes) / cfg.num_hidden_layers
+    return weights + p.lm_head * 2 + kv
+
+
+def spec_step_bytes(cfg: ModelConfig, batch: int, context: int, k: int, weight_bytes: float = 2) -> dict:
+    """Bytes of one MTP speculative step with k drafts: the target's verify forward over k + 1 tokens per
+    sequence, the MTP layer's pass over those positions and its k - 1 chained one-token steps."""
+    tokens = batch * (k + 1)
+    target = decode_bytes(cfg, tokens, 0, weight_bytes=weight_bytes)
+    verify = target["weights"] + batch * (context + k + 1) * kv_bytes_per_token(cfg)
+    draft = mtp_layer_bytes(cfg, batch, k + 1, context, weight_bytes)
+    draft += sum(mtp_layer_bytes(cfg, batch, 1, context + k + s, weight_bytes) for s in range(1, k))
+    return {"verify": verify, "draft": draft, "total": verify + draft}

@@ -10,6 +10,8 @@ graph removes their launch cost and the Python between them, which dominates at 
   sample) and sampling run eagerly after it.
 - Eligible steps: every sequence adds exactly one token, the batch fits a bucket, no per-layer callback
   (layer-wise KV streaming runs eagerly). Anything else runs eagerly, unchanged.
+- MTP speculative decoding captures the same way with `tokens_per_seq` = k + 1 (the verify step: last
+  token + k drafts per sequence) and its draft chain (spec_decode/graphs.py).
 - Requirements on the model and backend (`graph_unsafe_reason` checks them): the attention backend
   declares `supports_cuda_graphs` (no host syncs, every per-step value read from the ForwardContext's
   device tensors); the MoE experts are not the torch reference (it syncs to count tokens per expert).
@@ -31,6 +33,7 @@ from torch import nn
 
 from glmserve.engine.attention.backend import AttentionBackend
 from glmserve.engine.attention.context import ForwardContext, SeqChunk
+from glmserve.engine.attention.split_backend import SplitAttentionBackend
 from glmserve.engine.models.moe import MoE, experts_reference
 from glmserve.engine.models.rope import RotaryEmbedding
 
@@ -65,10 +68,14 @@ def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) and num_seqs > 0 else None
 
 
-def graph_unsafe_reason(model: nn.Module, backend: AttentionBackend, device: torch.device) -> str | None:
-    """Why decode steps of `model` cannot be captured on `device`, or None when they can."""
+def graph_unsafe_reason(model: nn.Module, backend: AttentionBackend, device: torch.device,
+                        tokens_per_seq: int = 1) -> str | None:
+    """Why steps of `model` with `tokens_per_seq` new tokens per sequence (1: decode; k + 1: MTP verify)
+    cannot be captured on `device`, or None when they can."""
     if torch.device(device).type != "cuda":
         return f"CUDA graphs need a CUDA device, got {torch.device(device).type!r}"
+    if tokens_per_seq > 1 and isinstance(backend, SplitAttentionBackend):
+        backend = backend.prefill  # several tokens per sequence is not a decode-only step: the prefill side runs it
     if not getattr(backend, "supports_cuda_graphs", False):
         return f"attention backend {backend.name!r} has no graph-safe decode path"
     if getattr(model, "cuda_graph_unsafe_reason", None):
@@ -82,63 +89,76 @@ def graph_unsafe_reason(model: nn.Module, backend: AttentionBackend, device: tor
 class StaticDecodeInputs:
     """The fixed-address input tensors of the decode graphs, and how a step is written into them.
 
-    Row i < n of a bucket-b step is sequence i. Rows n..b-1 are padding: token 0 at position 0, slot -1
-    (no KV is stored) and seq_len 1 over a block-table row of zeros, so their attention reads one cached
-    token of block 0 (finite, never written by them) and their outputs are dropped. query_start_loc is
-    0..b: one query per row, fixed at capture.
+    Every sequence adds `tokens_per_seq` (q) tokens: 1 for a plain decode step, k + 1 for an MTP verify
+    step ([last token + k drafts]) or the MTP layer's pass over those positions. Rows i*q..i*q+q-1 of a
+    bucket-b step are sequence i < n. Sequences n..b-1 are padding: token 0 at positions 0..q-1, slot -1
+    (no KV is stored) and seq_len q over a block-table row of zeros, so their attention reads cached
+    tokens of block 0 (finite, never written by them) and their outputs are dropped. query_start_loc is
+    0, q, 2q, ..: fixed at capture.
     """
 
-    def __init__(self, max_batch_size: int, max_blocks_per_seq: int, block_size: int, device: torch.device):
+    def __init__(self, max_batch_size: int, max_blocks_per_seq: int, block_size: int, device: torch.device,
+                 tokens_per_seq: int = 1):
         self.max_batch_size = max_batch_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.block_size = block_size
+        self.q = q = tokens_per_seq
         i64, i32 = dict(dtype=torch.int64, device=device), dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(max_batch_size, **i64)
-        self.positions = torch.zeros(max_batch_size, **i64)
-        self.slot_mapping = torch.full((max_batch_size,), -1, **i64)
-        self.seq_lens = torch.ones(max_batch_size, **i32)
-        self.query_start_loc = torch.arange(max_batch_size + 1, **i32)
+        self.input_ids = torch.zeros(max_batch_size * q, **i64)
+        self.positions = torch.zeros(max_batch_size * q, **i64)
+        self.slot_mapping = torch.full((max_batch_size * q,), -1, **i64)
+        self.seq_lens = torch.full((max_batch_size,), q, **i32)
+        self.query_start_loc = torch.arange(0, max_batch_size * q + 1, q, **i32)
         self.block_tables = torch.zeros(max_batch_size, max_blocks_per_seq, **i32)
 
     def fits(self, seqs: list[SeqChunk]) -> bool:
-        """A decode-only step whose batch and contexts fit the buffers."""
+        """A step of q new tokens per sequence whose batch and contexts fit the buffers."""
         if not seqs or len(seqs) > self.max_batch_size:
             return False
-        limit = self.max_blocks_per_seq * self.block_size
-        return all(s.num_new == 1 and s.num_cached + 1 <= limit for s in seqs)
+        limit, q = self.max_blocks_per_seq * self.block_size, self.q
+        return all(s.num_new == q and s.num_cached + q <= limit for s in seqs)
 
     def fill(self, input_ids: list[int], seqs: list[SeqChunk], bucket: int) -> None:
-        """Write a decode step of len(seqs) <= bucket sequences into rows 0..bucket-1 (padding included)."""
-        n, bs = len(seqs), self.block_size
+        """Write a step of len(seqs) <= bucket sequences (q tokens each, input_ids in sequence order) into
+        rows 0..bucket*q-1, padding included."""
+        n, bs, q = len(seqs), self.block_size, self.q
         pad = bucket - n
-        positions = [s.num_cached for s in seqs] + [0] * pad
-        slots = [s.block_ids[s.num_cached // bs] * bs + s.num_cached % bs for s in seqs] + [-1] * pad
-        seq_lens = [s.num_cached + 1 for s in seqs] + [1] * pad
+        positions, slots = [], []
+        for s in seqs:
+            blocks = s.block_ids
+            for p in range(s.num_cached, s.num_cached + q):
+                positions.append(p)
+                slots.append(blocks[p // bs] * bs + p % bs)
+        positions += list(range(q)) * pad
+        slots += [-1] * (q * pad)
+        seq_lens = [s.num_cached + q for s in seqs] + [q] * pad
         width = max(-(-sl // bs) for sl in seq_lens)
         rows = []
-        for s in seqs:
-            need = -(-(s.num_cached + 1) // bs)
+        for s, sl in zip(seqs, seq_lens):
+            need = -(-sl // bs)
             rows.append(s.block_ids[:need] + [0] * (width - need))
         table = torch.tensor(rows + [[0] * width] * pad, dtype=torch.int32)
-        self.input_ids[:bucket].copy_(torch.tensor(list(input_ids) + [0] * pad, dtype=torch.int64))
-        self.positions[:bucket].copy_(torch.tensor(positions, dtype=torch.int64))
-        self.slot_mapping[:bucket].copy_(torch.tensor(slots, dtype=torch.int64))
+        m = bucket * q
+        self.input_ids[:m].copy_(torch.tensor(list(input_ids) + [0] * (q * pad), dtype=torch.int64))
+        self.positions[:m].copy_(torch.tensor(positions, dtype=torch.int64))
+        self.slot_mapping[:m].copy_(torch.tensor(slots, dtype=torch.int64))
         self.seq_lens[:bucket].copy_(torch.tensor(seq_lens, dtype=torch.int32))
         # Columns past `width` keep stale block ids: never read (each row reads ceil(seq_len / bs) pages).
         self.block_tables[:bucket, :width].copy_(table)
 
     def context(self, bucket: int, kv_caches: list[torch.Tensor], host_seq_len: int) -> ForwardContext:
         """The ForwardContext of bucket `bucket`: views of the buffers, so every replay sees new values."""
+        m = bucket * self.q
         return ForwardContext(
-            positions=self.positions[:bucket],
+            positions=self.positions[:m],
             query_start_loc=self.query_start_loc[: bucket + 1],
             seq_lens=self.seq_lens[:bucket],
             block_tables=self.block_tables[:bucket],
-            slot_mapping=self.slot_mapping[:bucket],
+            slot_mapping=self.slot_mapping[:m],
             block_size=self.block_size,
             kv_caches=kv_caches,
-            query_lens_cpu=[1] * bucket,
-            seq_lens_cpu=[host_seq_len] * bucket,
+            query_lens_cpu=[self.q] * bucket,
+            seq_lens_cpu=[max(host_seq_len, self.q)] * bucket,
         )
 
 
@@ -171,7 +191,9 @@ class CudaGraphRunner:
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int, max_batch_size: int,
                  max_model_len: int, device: torch.device, split_context_len: int = DEFAULT_SPLIT_CONTEXT_LEN,
-                 capture_sizes: tuple[int, ...] = ()):
+                 capture_sizes: tuple[int, ...] = (), tokens_per_seq: int = 1):
+        """tokens_per_seq: new tokens of every sequence in a captured step (k + 1 for MTP verify steps);
+        max_model_len counts every position a step may write (speculative lookahead included)."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = torch.device(device)
@@ -179,7 +201,8 @@ class CudaGraphRunner:
         self.sizes = chosen_batch_sizes(max_batch_size, capture_sizes)
         self.host_seq_len = max(1, min(split_context_len, max_model_len))
         max_blocks = -(-max_model_len // block_size)
-        self.inputs = StaticDecodeInputs(self.sizes[-1] if self.sizes else 0, max_blocks, block_size, self.device)
+        self.inputs = StaticDecodeInputs(self.sizes[-1] if self.sizes else 0, max_blocks, block_size, self.device,
+                                         tokens_per_seq)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.stats = CaptureStats()
@@ -189,7 +212,7 @@ class CudaGraphRunner:
         return bool(self.graphs) and self.inputs.fits(seqs)
 
     def _forward(self, bucket: int, ctx: ForwardContext) -> torch.Tensor:
-        return self.model(self.inputs.input_ids[:bucket], ctx.positions, ctx)
+        return self.model(self.inputs.input_ids[: bucket * self.inputs.q], ctx.positions, ctx)
 
     @torch.inference_mode()
     def capture(self) -> CaptureStats:
@@ -223,9 +246,9 @@ class CudaGraphRunner:
         return self.stats
 
     def run(self, input_ids: list[int], seqs: list[SeqChunk]) -> torch.Tensor:
-        """Hidden states [n, H] of a decode step (a view of the graph's output: use it before the next run)."""
+        """Hidden states [n * q, H] of a step (a view of the graph's output: use it before the next run)."""
         bucket = bucket_for(len(seqs), self.sizes)
         self.inputs.fill(input_ids, seqs, bucket)
         self.graphs[bucket].replay()
         self.num_replays += 1
-        return self.outputs[bucket][: len(seqs)]
+        return self.outputs[bucket][: len(seqs) * self.inputs.q]

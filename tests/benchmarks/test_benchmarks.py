@@ -15,7 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
-SCRIPTS = ["ceilings", "kernel_bench", "decode_bench", "prefill_bench"]
+SCRIPTS = ["ceilings", "kernel_bench", "decode_bench", "prefill_bench", "mtp_gpu_bench"]
 sys.path.insert(0, str(BENCH))
 
 import roofline  # noqa: E402
@@ -49,6 +49,17 @@ def test_prefill_flops_match_the_design_yardstick(flash):
     assert longer["linear"] / 8192 == pytest.approx(f["linear"] / 1024, rel=1e-3)
 
 
+def test_spec_step_bytes_bracket_the_decode_step(flash):
+    one, four = roofline.decode_bytes(flash, 1, 1024), roofline.decode_bytes(flash, 4, 1024)
+    s1, s3 = roofline.spec_step_bytes(flash, 1, 1024, 1), roofline.spec_step_bytes(flash, 1, 1024, 3)
+    # verifying 3 drafts reads what 4 tokens route to, once, with one sequence's KV
+    assert one["total"] < s3["verify"] < four["weights"] + one["kv"] * 1.01
+    lm_head = flash.vocab_size * flash.hidden_size * 2
+    assert lm_head < s1["draft"] < lm_head + one["weights"] / 20  # one MoE layer and its head
+    assert 2.5 * s1["draft"] < s3["draft"] < 3.5 * s1["draft"]  # k MTP forwards
+    assert s3["total"] == s3["verify"] + s3["draft"]
+
+
 def test_expected_experts_touched():
     assert roofline.expected_experts_touched(64, 4, 1) == pytest.approx(4)
     assert roofline.expected_experts_touched(64, 4, 0) == 0
@@ -68,6 +79,10 @@ def test_smoke_mode_runs_and_writes_json(script, tmp_path):
     if script != "ceilings":
         timed = [r for r in data["rows"] if r.get("runs_ms")]
         assert timed and all(len(r["runs_ms"]) == 2 for r in timed)
+    if script == "mtp_gpu_bench":  # every k measured; speed-ups over k = 0 at each acceptance length
+        assert {(r["k"], r["mode"]) for r in data["rows"]} == {(k, m) for k in (0, 1, 3) for m in ("eager", "graph")}
+        k3 = [r for r in timed if r["k"] == 3]
+        assert k3 and all(r["draft_ms"] > 0 and sorted(r["speedup_at"]) == ["1", "2", "3", "4"] for r in k3)
     assert "wrote" in proc.stdout
 
 

@@ -26,10 +26,13 @@ from typing import Any, Sequence
 
 import torch
 
+from glmserve.engine.attention.context import SeqChunk
+from glmserve.engine.logits_processors import has_token_constraints
 from glmserve.engine.outputs import EngineOutput
 from glmserve.engine.request import Request, RequestStatus
-from glmserve.engine.sampler import SamplingRow
+from glmserve.engine.sampler import SamplingRow, _has_penalty
 from glmserve.engine.scheduler import ScheduledChunk
+from glmserve.engine.spec_decode.graphs import build_spec_graphs
 from glmserve.engine.spec_decode.rejection import accept_or_resample, draw, processed_probs
 
 
@@ -100,6 +103,15 @@ class MTPSpeculator:
         # Sampled requests: the distribution each draft was drawn from, [num drafts, V] (rejection sampling).
         self.draft_probs: dict[str, torch.Tensor] = {}
         self.stats = SpecDecodeStats()
+        # CUDA graphs of the verify and draft steps (graphs.py), or why there are none.
+        self.graphs, self.cuda_graph_disabled_reason = build_spec_graphs(engine, num_speculative_tokens)
+        # This step verified k drafts for every sequence and prefilled nothing (read once by _draft).
+        self._pure_verify = False
+
+    def cuda_graph_stats(self) -> dict:
+        if self.graphs is None:
+            return {"enabled": False, "reason": self.cuda_graph_disabled_reason}
+        return self.graphs.stats()
 
     def num_drafts_for(self, req: Request) -> int:
         """How many drafts a request may verify next step: none under a grammar (it constrains each token
@@ -125,21 +137,42 @@ class MTPSpeculator:
                 drafted[req.request_id] = (req, d[:n])
         self.drafts.clear()
         draft_probs, self.draft_probs = self.draft_probs, {}
+        graph_seqs = None
         try:
             plan = eng.scheduler.schedule()
             if not plan.is_empty():
                 runner = eng.runner
-                input_ids, ctx = runner.inputs.build(plan.chunks, runner.kv_caches)
+                graph_seqs = self._verify_graph_seqs(plan.chunks) if self.graphs is not None else None
+                if graph_seqs is not None:  # [last token + k drafts] of each sequence, drafts still appended
+                    q = self.k + 1
+                    graph_ids = [t for c in plan.chunks
+                                 for t in c.request.token_ids[c.request.num_computed_tokens:][:q]]
+                else:
+                    input_ids, ctx = runner.inputs.build(plan.chunks, runner.kv_caches)
         finally:
             for req, d in drafted.values():
                 del req.token_ids[len(req.token_ids) - len(d):]
         outputs = eng.settle_plan(plan)
         if plan.is_empty():
             return outputs
-        eng.runner.backend.prepare(ctx)
-        hidden = eng.loaded.model(input_ids, ctx.positions, ctx)
+        if graph_seqs is not None:
+            hidden = self.graphs.verify.run(graph_ids, graph_seqs)  # the graph's buffer: used up within this step
+        else:
+            eng.runner.backend.prepare(ctx)
+            hidden = eng.loaded.model(input_ids, ctx.positions, ctx)
         outputs += self._verify_and_draft(plan.chunks, hidden, drafted, draft_probs)
         return outputs
+
+    def _verify_graph_seqs(self, chunks: list[ScheduledChunk]) -> list[SeqChunk] | None:
+        """The step's sequences when it is a pure verify batch that a captured bucket holds: every chunk is
+        [last token + k drafts] (drafts appended to token_ids at this point). None: run eagerly."""
+        q = self.k + 1
+        for c in chunks:
+            r = c.request
+            if c.num_new_tokens != q or r.num_computed_tokens + q != r.num_tokens:
+                return None
+        seqs = [SeqChunk(c.request.block_ids, c.request.num_computed_tokens, q) for c in chunks]
+        return seqs if self.graphs.verify.can_run(seqs) else None
 
     def _verify_and_draft(self, chunks: list[ScheduledChunk], hidden: torch.Tensor,
                           drafted: dict[str, tuple[Request, list[int]]],
@@ -149,15 +182,19 @@ class MTPSpeculator:
         verify: list[tuple[Request, int, int, list[int]]] = []
         prefill_only: list[tuple[Request, int, int, int]] = []
         off = 0
+        pure = True
         for c in chunks:
             req, start, n = c.request, c.request.num_computed_tokens, c.num_new_tokens
             real = req.num_tokens
             if start + n >= real:  # the chunk reaches the real last token: sample there and verify drafts
                 d = drafted.get(req.request_id, (req, []))[1][: start + n - real]
                 verify.append((req, start, off, d))
+                pure = pure and n == self.k + 1 and len(d) == self.k
             else:
                 prefill_only.append((req, start, off, n))
+                pure = False
             off += n
+        self._pure_verify = pure
         # Logits of every verify row at once: the real last token, then each covered draft.
         row_index = [o + (r.num_tokens - 1 - s) + i for r, s, o, d in verify for i in range(len(d) + 1)]
         logits = (eng.loaded.model.compute_logits(hidden[torch.tensor(row_index, device=hidden.device)]).float()
@@ -166,7 +203,7 @@ class MTPSpeculator:
         for _, _, _, d in verify:
             base.append(b)
             b += len(d) + 1
-        if verify:  # grammars: requests under one never draft, so only their first row needs the mask
+        if verify and eng.structured.grammars:  # requests under a grammar never draft: only their first row
             rids = [r.request_id for r, _, _, _ in verify]
             with torch.inference_mode(False):  # the bitmask is filled on a helper thread, outside this mode
                 masks = eng.structured.begin_masks(rids)
@@ -177,7 +214,12 @@ class MTPSpeculator:
                 logits[first] = rows0
         new_tokens: list[list] = [[] for _ in verify]
         accepted = [0] * len(verify)
-        active = list(range(len(verify)))
+        # Greedy requests: every position's token from one sampler call (position i's history is the real
+        # tokens plus drafts before i, which is exactly what it is whenever position i is reached).
+        greedy = [v for v in range(len(verify)) if verify[v][0].params.greedy]
+        if greedy:
+            self._verify_greedy(greedy, verify, logits, base, new_tokens, accepted)
+        active = [v for v in range(len(verify)) if not verify[v][0].params.greedy]
         i = 0
         while active:
             # Sampled requests with a draft here go through rejection sampling; the rest through the sampler.
@@ -229,6 +271,38 @@ class MTPSpeculator:
         self._draft(mtp_jobs, hidden)
         return outputs
 
+    def _verify_greedy(self, group: list[int], verify, logits: torch.Tensor, base: list[int],
+                       new_tokens: list[list], accepted: list[int]) -> None:
+        """Accept each greedy request's longest matching draft prefix plus the target's next token."""
+        eng = self.engine
+        rows, index = [], []
+        for v in group:
+            req, _, _, d = verify[v]
+            eos = frozenset() if req.params.ignore_eos else req.eos_token_ids
+            p = req.params
+            # the history matters to min_tokens, penalties and bad words only: copy it only for them
+            exact = p.min_tokens > req.num_output_tokens or _has_penalty(p) or has_token_constraints(p)
+            for i in range(len(d) + 1):
+                hist = req.token_ids + d[:i] if exact and i else req.token_ids
+                rows.append(SamplingRow(p, hist, req.num_prompt_tokens, req.generator, eos))
+                index.append(base[v] + i)
+        sel = logits if len(index) == logits.shape[0] else logits[torch.tensor(index, device=logits.device)]
+        picked = eng.sampler(sel, rows)
+        j = 0
+        for v in group:
+            req, _, _, d = verify[v]
+            for i in range(len(d) + 1):
+                tok = picked[j + i]
+                req.append_token(tok)
+                if eng.structured.grammars:
+                    eng.structured.accept(req.request_id, tok.token_id)
+                req.check_stop()
+                new_tokens[v].append(tok)
+                if req.is_finished or i == len(d) or tok.token_id != d[i]:
+                    break
+                accepted[v] += 1
+            j += len(d) + 1
+
     def _rejection_step(self, logits: torch.Tensor, req: Request, draft: int, q: torch.Tensor):
         """The target's token at a draft position of a sampled request, with the target's logprobs."""
         eng = self.engine
@@ -261,6 +335,26 @@ class MTPSpeculator:
         self._draft([(req, req.num_tokens - 2, 0, 1, True)], hidden)
 
     # -- drafting ---------------------------------------------------------------------------------
+    def _draft_by_graph(self, jobs: list[tuple[Request, int, int, int, bool]], hidden: torch.Tensor) -> bool:
+        """After a pure verify batch: draft by one replay of the captured chain when every request is greedy
+        and wants k drafts; False (nothing done) otherwise."""
+        k, q = self.k, self.k + 1
+        if self.graphs is None:
+            return False
+        for r, _, _, _, sampled in jobs:
+            if not (sampled and r.params.greedy and self.num_drafts_for(r) == k):
+                return False
+        seqs = [SeqChunk(r.block_ids, s, q) for r, s, _, _, _ in jobs]
+        if not self.graphs.draft.can_run(seqs):
+            return False
+        # MTP input at position p is the token at p + 1: the accepted drafts and the target's new token.
+        ids = [t for r, s, _, n, _ in jobs for t in r.token_ids[s + 1 : s + 1 + n] + [0] * (q - n)]
+        rows = torch.tensor([o + j for _, _, o, _, _ in jobs for j in range(q)], device=hidden.device)
+        drafts = self.graphs.draft.draft(seqs, ids, hidden[rows], [n - 1 for _, _, _, n, _ in jobs])
+        for (r, _, _, _, _), d in zip(jobs, drafts):
+            self.drafts[r.request_id] = d
+        return True
+
     def _mtp_pass(self, chunks: list[_Chunk], prev_hidden: torch.Tensor) -> torch.Tensor:
         runner = self.engine.runner
         ids, ctx = runner.inputs.build(chunks, runner.kv_caches)
@@ -270,8 +364,11 @@ class MTPSpeculator:
     def _draft(self, jobs: list[tuple[Request, int, int, int, bool]], hidden: torch.Tensor) -> None:
         """Run the MTP layer over each job's newly final positions, then chain it for the next drafts.
         Sampled requests never draft, so they skip it."""
+        pure, self._pure_verify = self._pure_verify, False  # set by this step's verification only
         jobs = [j for j in jobs if j[3] > 0 and j[0].status is RequestStatus.RUNNING]
         if not jobs:
+            return
+        if pure and self._draft_by_graph(jobs, hidden):
             return
         chunks = [_Chunk(_View(r.request_id, _Shifted(r.token_ids, 1), s, r.block_ids), n) for r, s, _, n, _ in jobs]
         rows = torch.cat([torch.arange(o, o + n) for _, _, o, n, _ in jobs]).to(hidden.device)
@@ -298,16 +395,17 @@ class MTPSpeculator:
                 r = want[j][0]
                 pos = r.num_tokens - 2 + step  # draft `step` (1-based) goes in at position num_tokens - 2 + step
                 chunks.append(_Chunk(_View(r.request_id, _Shifted([drafts[j][-1]], -pos), pos, r.block_ids), 1))
-            sel = torch.tensor(live, device=hidden.device)
-            h = self._mtp_pass(chunks, h[sel])
+            every = len(live) == len(want)
+            sel = None if every else torch.tensor(live, device=hidden.device)
+            h = self._mtp_pass(chunks, h if every else h[sel])
             tok = self._pick_drafts(self.mtp.compute_logits(h), [want[j][0] for j in live],
                                     [drafts[j] for j in live], [probs[j] for j in live])
             for j, t in zip(live, tok):
                 drafts[j].append(t)
-            # keep h aligned with `want` for the next step's selection
-            full = torch.zeros(len(want), h.shape[-1], dtype=h.dtype, device=h.device)
-            full[sel] = h
-            h = full
+            if not every:  # keep h aligned with `want` for the next step's selection
+                full = torch.zeros(len(want), h.shape[-1], dtype=h.dtype, device=h.device)
+                full[sel] = h
+                h = full
         for (r, _), d, q in zip(want, drafts, probs):
             self.drafts[r.request_id] = d
             if q:
