@@ -13,6 +13,9 @@ blocks but computes nothing until `remote_kv_arrived`. Its admission is reported
 (`kv_connector.blocks_allocated`), and freeing it for any reason tells the connector first, so that
 no transfer writes into blocks after they are handed back.
 
+A prefill worker that sends KV straight from its blocks (`send_guard`) may get a request's blocks
+back only once those sends are done: until then they stay allocated (see block_holds.py).
+
 Per-step cost follows the tokens that changed: each request registers only its newly filled blocks.
 """
 
@@ -22,9 +25,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from glmserve.engine.block_holds import BlockHolds
 from glmserve.engine.block_pool import BlockPool
 from glmserve.engine.config import SchedulerConfig
-from glmserve.engine.kv_transport import RemoteKVConnector
+from glmserve.engine.kv_transport import KVSendGuard, RemoteKVConnector
 from glmserve.engine.request import FinishReason, Request, RequestStatus
 
 
@@ -66,6 +70,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.kv_connector: RemoteKVConnector | None = None
+        self.send_guard: KVSendGuard | None = None
+        self.holds = BlockHolds(pool)
         self._released: list[str] = []
         self.num_preemptions = 0
         # Extra slots every sequence gets past its scheduled tokens (the drafts of speculative decoding).
@@ -115,7 +121,11 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         if req.block_ids:
-            self.pool.free(req.block_ids)
+            sent = self.send_guard.blocks_released(req) if self.send_guard is not None else None
+            if sent is None:
+                self.pool.free(req.block_ids)
+            else:
+                self.holds.hold(req.block_ids, sent)
             req.block_ids = []
             self._released.append(req.request_id)
         req.num_registered_blocks = 0
@@ -140,6 +150,8 @@ class Scheduler:
         out.preempted.append(victim)
 
     def schedule(self) -> SchedulerOutput:
+        if self.holds.num_holds:
+            self.holds.free_done()
         out = SchedulerOutput(released=self._released)
         self._released = []
         budget = self.cfg.max_num_batched_tokens
