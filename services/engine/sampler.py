@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,6 +36,13 @@ class SamplingRow:
     num_prompt_tokens: int
     generator: torch.Generator | None = None  # None: the global RNG of the logits' device
     eos_token_ids: frozenset[int] = frozenset()  # masked under min_tokens; empty when ignore_eos
+    # Plain greedy: argmax of the raw logits, nothing else applies (set from params, not by callers).
+    plain: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        object.__setattr__(self, "plain", p.greedy and p.min_tokens <= 0 and p.logprobs is None
+                           and not _has_penalty(p) and not has_token_constraints(p))
 
     # Slices copy: only penalties use them, so rows are built without touching the token list.
     @property
@@ -167,6 +174,8 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         logits = logits.float()
+        if all(r.plain for r in rows):  # the common batch: one argmax, no per-row work
+            return [SampledToken(t) for t in logits.argmax(dim=-1).tolist()]
         work = self.penalized_logits(logits, rows)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]

@@ -161,9 +161,12 @@ class Scheduler:
         # plain comparisons instead of min() and properties.)
         i = 0
         running = self.running
+        bs, lookahead = self.block_size, self.num_lookahead_tokens
+        chunks = out.chunks
         while i < len(running) and budget > 0:
             req = running[i]
-            num_new = len(req.token_ids) - req.num_computed_tokens
+            computed = req.num_computed_tokens
+            num_new = len(req.token_ids) - computed
             if num_new > chunk_cap:
                 num_new = chunk_cap
             if num_new > budget:
@@ -171,7 +174,12 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            need = self._blocks_needed(req, num_new)
+            need = -(-(computed + num_new + lookahead) // bs) - len(req.block_ids)  # _blocks_needed, inlined
+            if need <= 0:  # the usual decode step: room in the last block
+                chunks.append(ScheduledChunk(req, num_new))
+                budget -= num_new
+                i += 1
+                continue
             while need > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -179,9 +187,8 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: everything after it is gone too
-            if need:
-                req.block_ids += self.pool.allocate(need)
-            out.chunks.append(ScheduledChunk(req, num_new))
+            req.block_ids += self.pool.allocate(need)
+            chunks.append(ScheduledChunk(req, num_new))
             budget -= num_new
             i += 1
 
@@ -248,6 +255,15 @@ class Scheduler:
         req.num_computed_tokens += chunk.num_new_tokens
         if req.num_computed_tokens // self.block_size > req.num_registered_blocks:  # a block just filled
             self._register_full_blocks(req)
+
+    def advance_all(self, chunks: list[ScheduledChunk]) -> None:
+        """advance() for every chunk of a step, in one call (this runs for every sequence every step)."""
+        bs = self.block_size
+        for chunk in chunks:
+            req = chunk.request
+            req.num_computed_tokens += chunk.num_new_tokens
+            if req.num_computed_tokens // bs > req.num_registered_blocks:  # a block just filled
+                self._register_full_blocks(req)
 
     def _register_full_blocks(self, req: Request) -> None:
         n_full = req.num_computed_tokens // self.block_size
