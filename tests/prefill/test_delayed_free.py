@@ -42,7 +42,7 @@ def prefill(model_dir):
     engine_cfg = EngineConfig(model=str(model_dir), dtype="float32", device="cpu", show_progress=False,
                               cache=CacheConfig(block_size=BS, num_blocks=64),
                               scheduler=SchedulerConfig(max_num_batched_tokens=64, chunked_prefill_size=16))
-    cfg = WorkerConfig(role="prefill", engine=engine_cfg, served_model_name="tiny", kv_timeout=10.0)
+    cfg = WorkerConfig(role="prefill", engine=engine_cfg, served_model_name="tiny", kv_timeout=3.0)
     async_engine = AsyncEngine(LLMEngine(engine_cfg))
     async_engine.start()
     lifecycle = Lifecycle()
@@ -140,6 +140,7 @@ def _decode_worker(conn) -> None:
 
 
 def test_decode_peer_that_dies_frees_every_block(prefill):
+    """D dies before joining: the call fails (retriable, after kv_timeout) and every block is free."""
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     d = ctx.Process(target=_decode_worker, args=(child,), daemon=True)
