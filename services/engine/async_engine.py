@@ -59,6 +59,10 @@ class _Call:
     loop: asyncio.AbstractEventLoop
 
 
+class _FreeHeldBlocks:
+    """Blocks held for a KV send are free to go back to the pool (see block_holds.py)."""
+
+
 class EngineError(RuntimeError):
     pass
 
@@ -72,6 +76,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.step_hooks: list[Callable[[LLMEngine, list[EngineOutput]], None]] = []
         self.dead: BaseException | None = None
+        engine.scheduler.holds.on_done = lambda: self._commands.put(_FreeHeldBlocks())
 
     def start(self) -> None:
         self._thread.start()
@@ -181,6 +186,8 @@ class AsyncEngine:
         elif isinstance(cmd, _Abort):
             if self.engine.abort(cmd.request_id):  # a stream still listening learns it ended
                 self.deliver(cmd.request_id, EngineOutput(cmd.request_id, [], finished=True, finish_reason="abort"))
+        elif isinstance(cmd, _FreeHeldBlocks):
+            self.engine.scheduler.holds.free_done()
         elif isinstance(cmd, _Call):
             try:
                 result = cmd.fn(self.engine)

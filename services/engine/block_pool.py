@@ -72,6 +72,9 @@ class BlockPool:
                 block.block_hash = None
             block.ref_count = 1
             out.append(block_id)
+        # Ascending ids: a request's blocks then form runs of consecutive blocks (the free queue hands out
+        # a freed request's blocks tail first), which the KV link sends and receives without gathering.
+        out.sort()
         return out
 
     def free(self, block_ids: Sequence[int]) -> None:

@@ -110,6 +110,7 @@ class LLMEngine:
         self._add_constraints(req)
         req.seed_generator(self.device)
         req.replay_draws(resumed, self.model_config.vocab_size)
+        req.sampling_row = self._sampling_row(req)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
@@ -169,13 +170,12 @@ class LLMEngine:
         result = self.runner.execute(plan.chunks, on_layer_done, keep_hidden=after_sample is not None)
         if masks is not None:
             self.structured.apply(masks, result.logits, [c.request.request_id for c in result.sample_chunks])
-        advance = self.scheduler.advance
-        for chunk in plan.chunks:
-            advance(chunk)
-        rows = [self._sampling_row(c.request) for c in result.sample_chunks]
+        self.scheduler.advance_all(plan.chunks)
+        rows = [c.request.sampling_row for c in result.sample_chunks]
         sampled = self.sampler(result.logits, rows) if rows else []
         if after_sample is not None:  # before any request finishes and frees its blocks
             after_sample(result.hidden, {c.request.request_id: t.token_id for c, t in zip(result.sample_chunks, sampled)})
+        append = outputs.append
         for chunk, token in zip(result.sample_chunks, sampled):
             req = chunk.request
             req.append_token(token)
@@ -183,15 +183,15 @@ class LLMEngine:
                 self.structured.accept(req.request_id, token.token_id)
             req.check_stop()
             new_logprobs = [token] if req.params.logprobs is not None else []
-            if req.is_finished:
+            if req.status is RequestStatus.FINISHED:
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
                 self.structured.remove(req.request_id)
-                outputs.append(self._finished_output(req, [token.token_id], new_logprobs))
+                append(self._finished_output(req, [token.token_id], new_logprobs))
             else:
-                outputs.append(EngineOutput(req.request_id, [token.token_id], new_logprobs,
-                                            num_prompt_tokens=req.num_prompt_tokens,
-                                            num_cached_tokens=req.num_cached_tokens if req.num_cached_tokens > 0 else 0))
+                cached = req.num_cached_tokens
+                append(EngineOutput(req.request_id, [token.token_id], new_logprobs, False, None, None,
+                                    req.num_prompt_tokens, cached if cached > 0 else 0))
         return outputs
 
     def settle_plan(self, plan) -> list[EngineOutput]:

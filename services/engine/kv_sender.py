@@ -2,7 +2,8 @@
 named; the prefill worker calls `send_layer` (from ForwardContext.on_layer_done) and `finish`. By default
 each call copies the tokens out of P's cache before returning, so later steps may overwrite those slots
 (whole blocks are copied as blocks, one memcpy per run of consecutive blocks); with copy=False whole
-blocks go straight from the cache. One thread per link sends in order."""
+blocks go straight from the cache, one message per run of consecutive blocks, and the caller keeps the
+blocks until `sent(transfer_id)` resolves. One thread per link sends in order."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ from glmserve.engine.kv_link import (
     local_address_towards, notify, BlockIds, resolve_future, side_stream, client_store,
 )
 from glmserve.engine.kv_wire import (
-    CANCEL, CLOSE, DONE, HEARTBEAT, KV, Header, block_size_of, consecutive_start, gather_tokens, split_at_blocks,
-    token_shape, token_slots,
+    CANCEL, CLOSE, DONE, HEARTBEAT, KV, Header, block_size_of, consecutive_runs, consecutive_start, gather_tokens,
+    split_at_blocks, token_shape, token_slots,
 )
 
 log = logging.getLogger(__name__)
+
+# copy=False sends a run of consecutive blocks as its own message when runs average at least this many
+# bytes; scattered small blocks are gathered into one message (a message costs more than a small copy).
+DIRECT_RUN_BYTES = 256 << 10
 
 
 @dataclass
@@ -70,6 +75,9 @@ class KVSender:
         # ~6x slower than into reused memory on CPU). By default the pool keeps the queue's high-water mark.
         self._pool: list[torch.Tensor] = []
         self._pool_bytes = max_queued_bytes if pool_bytes is None else pool_bytes
+        self._in_flight: deque[tuple[Sending, _Msg]] = deque()  # posted, not yet confirmed (sender thread)
+        self._pending: dict[int, int] = {}  # transfer -> payloads queued or in flight
+        self._sent_waiters: dict[int, list[Future]] = {}  # transfer -> sent() futures
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{address.name}", daemon=True)
         self._thread.start()
 
@@ -88,7 +96,7 @@ class KVSender:
         """Queue tokens start..start+count-1 of one layer. With copy (the default) they are copied out
         before this returns, so the caller may reuse their blocks at once. copy=False sends runs of
         consecutive whole blocks straight from the cache (no staging copy on P's cores): the caller must
-        leave those blocks untouched until finish()'s future is done (or the transfer is cancelled)."""
+        leave those blocks untouched until a later sent(transfer_id) future is done."""
         if count <= 0 or self._dropped(transfer_id):
             return
         cache = kv_cache_of_layer
@@ -113,18 +121,22 @@ class KVSender:
     def _send_blocks(self, transfer_id: int, layer: int, cache: torch.Tensor, ids: torch.Tensor, start: int,
                      copy: bool) -> None:
         bs, n = block_size_of(cache), ids.numel()
+        nbytes = n * cache[0].numel() * cache.element_size()
+        if not copy:
+            runs = consecutive_runs(ids)
+            if len(runs) == 1 or nbytes // len(runs) >= DIRECT_RUN_BYTES:
+                for at, first, length in runs:  # views: sent from the cache itself, page-granular
+                    payload = cache[first : first + length]
+                    self._queue_payload(Header(KV, transfer_id, layer, start + at * bs, length * bs, payload.numel(),
+                                               payload.dtype, block_size=bs), payload, None)
+                return
         run = consecutive_start(ids)
-        buf = None
-        if run is not None and not copy:
-            payload = cache[run : run + n]  # a view: sent from the cache itself
+        buf = self._buffer(nbytes, cache.device)
+        payload = buf[:nbytes].view(cache.dtype).view(n, *cache.shape[1:])
+        if run is not None:
+            payload.copy_(cache[run : run + n])  # one contiguous copy
         else:
-            nbytes = n * cache[0].numel() * cache.element_size()
-            buf = self._buffer(nbytes, cache.device)
-            payload = buf[:nbytes].view(cache.dtype).view(n, *cache.shape[1:])
-            if run is not None:
-                payload.copy_(cache[run : run + n])  # one contiguous copy
-            else:
-                torch.index_select(cache, 0, ids.to(cache.device), out=payload)  # whole-block rows
+            torch.index_select(cache, 0, ids.to(cache.device), out=payload)  # whole-block rows
         header = Header(KV, transfer_id, layer, start, n * bs, payload.numel(), payload.dtype, block_size=bs)
         self._queue_payload(header, payload, buf)
 
@@ -150,6 +162,27 @@ class KVSender:
                 self._cv.notify_all()
         return fut
 
+    def sent(self, transfer_id: int) -> Future:
+        """Future done (result None) once no payload queued so far for the transfer is still read from
+        P's memory: each is sent, dropped by cancel(), or given up with a failed link. Until then blocks
+        sent with copy=False must stay untouched."""
+        fut: Future = Future()
+        with self._cv:
+            if self._pending.get(transfer_id, 0) == 0:
+                fut.set_result(None)
+            else:
+                self._sent_waiters.setdefault(transfer_id, []).append(fut)
+        return fut
+
+    def _unpend(self, transfer_id: int, n: int = 1) -> list[Future]:
+        """(Under the lock) n payloads of the transfer let go of P's memory; the waiters now done."""
+        left = self._pending.get(transfer_id, 0) - n
+        if left > 0:
+            self._pending[transfer_id] = left
+            return []
+        self._pending.pop(transfer_id, None)
+        return self._sent_waiters.pop(transfer_id, [])
+
     def cancel(self, transfer_id: int) -> None:
         """Drop what is still queued for the transfer and tell D; later send_* calls for it are ignored."""
         with self._cv:
@@ -158,14 +191,18 @@ class KVSender:
             self._cancelled[transfer_id] = None
             while len(self._cancelled) > 4096:  # only late calls of recent transfers need catching
                 self._cancelled.popitem(last=False)
+            dropped = sum(1 for m in self._queue if m.header.transfer_id == transfer_id and m.payload is not None)
             self._queue = deque(m for m in self._queue if m.header.transfer_id != transfer_id)
             self._queued_bytes = sum(m.header.nbytes for m in self._queue)
+            done = self._unpend(transfer_id, dropped) if dropped else []
             out = self._open.pop(transfer_id, None)
             if self.error is None:
                 self._queue.append(_Msg(Header(CANCEL, transfer_id)))
             self._cv.notify_all()
         if out is not None and out.future is not None:
             out.future.cancel()
+        for fut in done:
+            resolve_future(fut, None)
 
     def close(self, wait: bool = True) -> None:
         """Send what is queued, then tell D the link is closing."""
@@ -205,6 +242,7 @@ class KVSender:
             if self.error is not None or tid in self._cancelled:
                 return False
             self._open.setdefault(tid, _Outgoing(time.monotonic()))
+            self._pending[tid] = self._pending.get(tid, 0) + 1
             self._queue.append(msg)
             self._queued_bytes += n
             self._cv.notify_all()
@@ -226,6 +264,11 @@ class KVSender:
             with side_stream(self.device):
                 self._serve()
         except Exception as e:  # noqa: BLE001 - any failure of the link ends it
+            for sending, _ in self._in_flight:  # gloo lets go of the payloads (fails fast on a broken link)
+                try:
+                    sending.wait()
+                except Exception:  # noqa: BLE001
+                    pass
             self._fail(e)
         else:
             self._fail(KVLinkError(f"KV link {self.address} closed"), quiet=True)
@@ -239,7 +282,7 @@ class KVSender:
         beat = self._heartbeat_s or min(self._timeout_s, ch.peer_info["timeout_s"]) / 4
         # Two messages in flight: the next one is posted before the last one is confirmed, so D never
         # waits for this thread to wake up between messages.
-        in_flight: deque[tuple[Sending, _Msg]] = deque()
+        in_flight = self._in_flight
         while True:
             msg = self._take(0 if in_flight else beat)
             if msg is not None:
@@ -265,6 +308,9 @@ class KVSender:
                 self.bytes_sent += h.nbytes
                 if (out := self._open.get(h.transfer_id)) is not None:
                     out.bytes += h.nbytes
+                done = self._unpend(h.transfer_id)
+            for fut in done:
+                resolve_future(fut, None)
             notify(self._observer, LinkEvent(self.label, "bytes", "send", h.nbytes))
         if h.kind == DONE:
             with self._cv:
@@ -278,11 +324,16 @@ class KVSender:
         with self._cv:
             self.error = err
             failed = list(self._open.values())
+            waiters = [f for futs in self._sent_waiters.values() for f in futs]
+            self._sent_waiters.clear()
+            self._pending.clear()
             self._open.clear()
             self._queue.clear()
             self._queued_bytes = 0
             self._pool.clear()
             self._cv.notify_all()
+        for fut in waiters:  # nothing queued will be sent: the blocks are free to go
+            resolve_future(fut, None)
         if not quiet or failed:
             log.warning("%s (%d transfers failed)", err, len(failed))
         for out in failed:

@@ -3,6 +3,8 @@ torch.distributed; NCCL on GPUs, gloo on CPU). Small Protocols, after vLLM's KV 
 
 - scheduler side, decode worker (`RemoteKVConnector`): told when a request's blocks are allocated, so
   the worker can start the transfer, and when they are about to be freed, so it can stop it first;
+- scheduler side, prefill worker (`KVSendGuard`): asked before a request's blocks go back to the pool,
+  so that KV sent straight from them (no staging copy) is on the wire before they are reused;
 - transport, prefill side (`KVSendPort`): one call per layer whose KV is ready (made once per layer
   by the model's layer loop, through `ForwardContext.on_layer_done`), then finish or cancel;
 - transport, decode side (`KVReceivePort`): expect a transfer into given blocks, cancel it; the
@@ -30,15 +32,26 @@ class RemoteKVConnector(Protocol):
         the pool: when it returns, nothing may write into them any more."""
 
 
+class KVSendGuard(Protocol):
+    def blocks_released(self, req: "Request") -> Future | None:
+        """Prefill worker, engine thread: the request is about to give its blocks back (finished,
+        aborted or preempted). A future done once no queued send reads them any more (the blocks stay
+        allocated until then), or None when they may be reused at once."""
+
+
 class KVSendPort(Protocol):
     def send_layer(self, transfer_id: int, layer: int, kv_cache_of_layer: "torch.Tensor",
-                   block_ids: Sequence[int], start: int, count: int) -> None:
-        """Send tokens [start, start + count) of one layer, read from P's blocks."""
+                   block_ids: Sequence[int], start: int, count: int, *, copy: bool = True) -> None:
+        """Send tokens [start, start + count) of one layer, read from P's blocks. copy=False: whole
+        blocks may be read after this returns, until sent(transfer_id) is done."""
 
     def finish(self, transfer_id: int) -> Future:
         """Resolves with the bytes sent once everything queued for the transfer has gone."""
 
     def cancel(self, transfer_id: int) -> None: ...
+
+    def sent(self, transfer_id: int) -> Future:
+        """Done once nothing queued so far for the transfer reads P's blocks any more."""
 
 
 class KVTransferHandle(Protocol):

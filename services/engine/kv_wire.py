@@ -144,6 +144,19 @@ def consecutive_start(ids: torch.Tensor) -> int | None:
     return None
 
 
+def consecutive_runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """ids as runs of consecutive block ids: (index of the run's first id in ids, first block id, length)."""
+    vals = ids.tolist()
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(vals):
+        if runs and b == runs[-1][1] + runs[-1][2]:
+            at, first, n = runs[-1]
+            runs[-1] = (at, first, n + 1)
+        else:
+            runs.append((i, b, 1))
+    return runs
+
+
 def blocks_as_tokens(payload: torch.Tensor, token_shape_: tuple[int, ...], block_size: int) -> torch.Tensor:
     """A whole-blocks payload (flat, in the sender's block layout) as token-major `[n * bs, *token_shape]`."""
     if len(token_shape_) == 3:  # GQA block [2, bs, Hkv, D] -> tokens [bs, 2, Hkv, D]

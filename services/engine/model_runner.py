@@ -131,8 +131,10 @@ class ModelRunner:
                 hidden = self.model(input_ids, ctx.positions, ctx)
         ends, sample_chunks, end = [], [], 0
         for c in chunks:
-            end += c.num_new_tokens
-            if c.completes_sequence:
+            n = c.num_new_tokens
+            end += n
+            r = c.request
+            if r.num_computed_tokens + n >= len(r.token_ids):  # c.completes_sequence, inlined (runs per sequence)
                 ends.append(end - 1)
                 sample_chunks.append(c)
         rows = hidden[torch.tensor(ends, dtype=torch.int64, device=self.device)]

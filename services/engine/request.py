@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from glmserve.engine.sampler import SampledToken
+from glmserve.engine.sampler import SampledToken, SamplingRow
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.prefix_hash import extend_chain
 
@@ -58,6 +58,8 @@ class Request:
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
     generator: torch.Generator | None = None
+    # The sampler's view of the request, built once (its token list is token_ids itself, so it follows).
+    sampling_row: SamplingRow | None = None
     _block_hashes: list[int] = field(default_factory=list)
     # The prompt's images and M-RoPE positions (multimodal models only).
     mm: MultiModalPrompt | None = None

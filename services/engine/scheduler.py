@@ -13,6 +13,9 @@ blocks but computes nothing until `remote_kv_arrived`. Its admission is reported
 (`kv_connector.blocks_allocated`), and freeing it for any reason tells the connector first, so that
 no transfer writes into blocks after they are handed back.
 
+A prefill worker that sends KV straight from its blocks (`send_guard`) may get a request's blocks
+back only once those sends are done: until then they stay allocated (see block_holds.py).
+
 Per-step cost follows the tokens that changed: each request registers only its newly filled blocks.
 """
 
@@ -22,9 +25,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from glmserve.engine.block_holds import BlockHolds
 from glmserve.engine.block_pool import BlockPool
 from glmserve.engine.config import SchedulerConfig
-from glmserve.engine.kv_transport import RemoteKVConnector
+from glmserve.engine.kv_transport import KVSendGuard, RemoteKVConnector
 from glmserve.engine.request import FinishReason, Request, RequestStatus
 
 
@@ -66,6 +70,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.kv_connector: RemoteKVConnector | None = None
+        self.send_guard: KVSendGuard | None = None
+        self.holds = BlockHolds(pool)
         self._released: list[str] = []
         self.num_preemptions = 0
         # Extra slots every sequence gets past its scheduled tokens (the drafts of speculative decoding).
@@ -115,7 +121,11 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         if req.block_ids:
-            self.pool.free(req.block_ids)
+            sent = self.send_guard.blocks_released(req) if self.send_guard is not None else None
+            if sent is None:
+                self.pool.free(req.block_ids)
+            else:
+                self.holds.hold(req.block_ids, sent)
             req.block_ids = []
             self._released.append(req.request_id)
         req.num_registered_blocks = 0
@@ -140,6 +150,8 @@ class Scheduler:
         out.preempted.append(victim)
 
     def schedule(self) -> SchedulerOutput:
+        if self.holds.num_holds:
+            self.holds.free_done()
         out = SchedulerOutput(released=self._released)
         self._released = []
         budget = self.cfg.max_num_batched_tokens
@@ -149,9 +161,12 @@ class Scheduler:
         # plain comparisons instead of min() and properties.)
         i = 0
         running = self.running
+        bs, lookahead = self.block_size, self.num_lookahead_tokens
+        chunks = out.chunks
         while i < len(running) and budget > 0:
             req = running[i]
-            num_new = len(req.token_ids) - req.num_computed_tokens
+            computed = req.num_computed_tokens
+            num_new = len(req.token_ids) - computed
             if num_new > chunk_cap:
                 num_new = chunk_cap
             if num_new > budget:
@@ -159,7 +174,12 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            need = self._blocks_needed(req, num_new)
+            need = -(-(computed + num_new + lookahead) // bs) - len(req.block_ids)  # _blocks_needed, inlined
+            if need <= 0:  # the usual decode step: room in the last block
+                chunks.append(ScheduledChunk(req, num_new))
+                budget -= num_new
+                i += 1
+                continue
             while need > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -167,9 +187,8 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break  # req preempted itself: everything after it is gone too
-            if need:
-                req.block_ids += self.pool.allocate(need)
-            out.chunks.append(ScheduledChunk(req, num_new))
+            req.block_ids += self.pool.allocate(need)
+            chunks.append(ScheduledChunk(req, num_new))
             budget -= num_new
             i += 1
 
@@ -236,6 +255,15 @@ class Scheduler:
         req.num_computed_tokens += chunk.num_new_tokens
         if req.num_computed_tokens // self.block_size > req.num_registered_blocks:  # a block just filled
             self._register_full_blocks(req)
+
+    def advance_all(self, chunks: list[ScheduledChunk]) -> None:
+        """advance() for every chunk of a step, in one call (this runs for every sequence every step)."""
+        bs = self.block_size
+        for chunk in chunks:
+            req = chunk.request
+            req.num_computed_tokens += chunk.num_new_tokens
+            if req.num_computed_tokens // bs > req.num_registered_blocks:  # a block just filled
+                self._register_full_blocks(req)
 
     def _register_full_blocks(self, req: Request) -> None:
         n_full = req.num_computed_tokens // self.block_size

@@ -3,7 +3,9 @@ that changed, not the context length.
 
 Every live request owns a row of a block table kept between steps; a step writes only the blocks a
 request gained since the last one. Positions and slot mappings are computed with tensor ops from
-per-sequence starts and lengths, so a decode step costs O(batch) Python, whatever the context.
+per-sequence starts and lengths, so a decode step costs O(batch) Python, whatever the context. The
+step's block tables (rows of the persistent table, in batch order) are kept too: when a step runs the
+same rows as the last one (steady decoding), only the rows that gained a block are copied again.
 `attention.context.build_context` is the plain reference this must agree with (tested).
 """
 
@@ -30,6 +32,9 @@ class StepInputBuilder:
         self._row_of: dict[str, int] = {}
         self._known = [0] * _INITIAL_ROWS  # blocks of each row already written
         self._free_rows = list(range(_INITIAL_ROWS - 1, -1, -1))
+        # The last step's block tables: table rows `_bt_rows`, in that order, first bt.shape[1] columns.
+        self._bt: np.ndarray | None = None
+        self._bt_rows: list[int] = []
 
     def release(self, request_ids: Sequence[str]) -> None:
         """Forget requests whose blocks went back to the pool (finished, aborted, preempted)."""
@@ -62,17 +67,23 @@ class StepInputBuilder:
         starts: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
+        changed: list[int] = []  # batch indices whose table row gained blocks
         width = 1
-        known = self._known
+        known, row_of, table = self._known, self._row_of, self.table
         for c in chunks:
             req, n = c.request, c.num_new_tokens
             start = req.num_computed_tokens
-            row = self._row(req.request_id)
+            row = row_of.get(req.request_id)
+            if row is None:
+                row = self._row(req.request_id)
+                table = self.table  # may have grown
             blocks = req.block_ids
             nb = len(blocks)
-            if nb > known[row]:
-                self.table[row, known[row] : nb] = blocks[known[row] :]
+            k = known[row]
+            if nb > k:
+                table[row, k:nb] = blocks[k:]
                 known[row] = nb
+                changed.append(len(rows))
             if nb * bs < start + n:
                 raise ValueError(f"sequence needs {-(-(start + n) // bs)} blocks for {start + n} tokens, has {nb}")
             if nb > width:
@@ -85,8 +96,7 @@ class StepInputBuilder:
             starts.append(start)
             query_lens.append(n)
             seq_lens.append(start + n)
-        rows_np = np.array(rows, dtype=np.int64)
-        block_tables = self.table[rows_np, :width]
+        block_tables = self._block_tables(rows, width, changed)
         lens = np.array(query_lens, dtype=np.int64)
         qsl = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum(lens, out=qsl[1:])
@@ -106,3 +116,16 @@ class StepInputBuilder:
             slot_mapping=torch.from_numpy(slots).to(dev), block_size=bs, kv_caches=kv_caches,
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, on_layer_done=on_layer_done)
         return torch.tensor(ids, dtype=torch.int64, device=dev), ctx
+
+    def _block_tables(self, rows: list[int], width: int, changed: list[int]) -> np.ndarray:
+        """table[rows, :width] (valid for this step: the next build may write into it). A gather of
+        every row costs O(batch x context); reusing the last step's copies only the changed rows."""
+        bt = self._bt
+        if bt is not None and bt.shape[1] == width and rows == self._bt_rows:
+            table = self.table
+            for i in changed:
+                bt[i] = table[rows[i], :width]
+            return bt
+        bt = self._bt = self.table[np.array(rows, dtype=np.int64), :width]
+        self._bt_rows = rows
+        return bt

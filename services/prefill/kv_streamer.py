@@ -8,11 +8,16 @@ request is recomputed, but D must receive each (layer, token) exactly once).
 
 With MTP speculative decoding (`prompt_mtp`), a transfer that asks for it also gets the MTP layer's KV,
 sent once the MTP pass after sampling has written it, and keeps the target's last hidden state.
+
+Whole blocks go out straight from P's paged cache (no staging copy competing with the link for P's
+cores). As the scheduler's send guard it keeps a request's blocks allocated after the request lets go
+of them (finished, aborted, preempted) until the link has sent everything queued from them.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +46,9 @@ class KVStreamer:
         self._step: list[tuple] = []  # this step's (request, start, count, transfer, first unsent, count unsent)
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}
+        # Requests whose blocks have sends queued since they last let go of their blocks -> the link.
+        # Kept apart from _transfers: the prefill call may unregister before the engine frees the blocks.
+        self._sending: dict[str, tuple[KVSendPort, int]] = {}
 
     def register(self, request_id: str, transfer: Transfer) -> None:
         with self._lock:
@@ -63,15 +71,17 @@ class KVStreamer:
                     self._step.append((req, start, c.num_new_tokens, None, 0, 0))
                     continue
                 if start > t.sent_upto:  # cached prefix: P holds it but does not recompute it
+                    self._sending[req.request_id] = (t.sender, t.transfer_id)
                     for layer, cache in enumerate(self.kv_caches[: self.num_layers + t.mtp]):
                         t.sender.send_layer(t.transfer_id, layer, cache, req.block_ids, t.sent_upto,
-                                            start - t.sent_upto)
+                                            start - t.sent_upto, copy=False)
                     t.prefix_tokens = max(t.prefix_tokens, start)
                     t.sent_upto = start
                 end = start + c.num_new_tokens
                 first, count = t.sent_upto, max(0, end - t.sent_upto)
                 self._step.append((req, start, c.num_new_tokens, t, first, count))
                 if count:
+                    self._sending[req.request_id] = (t.sender, t.transfer_id)
                     work.append((t, list(req.block_ids), first, count))
                     t.sent_upto = end
         if not work:
@@ -79,7 +89,8 @@ class KVStreamer:
 
         def on_layer_done(layer: int) -> None:
             for t, block_ids, first, count in work:
-                t.sender.send_layer(t.transfer_id, layer, self.kv_caches[layer], block_ids, first, count)
+                t.sender.send_layer(t.transfer_id, layer, self.kv_caches[layer], block_ids, first, count,
+                                    copy=False)
 
         return on_layer_done
 
@@ -100,3 +111,9 @@ class KVStreamer:
                 t.sender.send_layer(t.transfer_id, self.num_layers, mtp_cache, req.block_ids, first, count)
             if req.request_id in sampled:
                 t.last_hidden = hidden[off - 1].detach().to("cpu", copy=True)
+
+    # -- the scheduler's send guard (engine thread) ---------------------------------------------
+    def blocks_released(self, req) -> Future | None:
+        with self._lock:
+            sending = self._sending.pop(req.request_id, None)
+        return None if sending is None else sending[0].sent(sending[1])

@@ -44,6 +44,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine.speculator = None
         self.streamer = KVStreamer(self.engine.runner.kv_caches, PromptMTP(self.engine) if self.mtp else None)
         self.engine.step_observer = self.streamer
+        self.engine.scheduler.send_guard = self.streamer  # blocks stay until their KV is sent
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         if not self.lifecycle.accepting:

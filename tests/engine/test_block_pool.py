@@ -80,3 +80,13 @@ def test_kv_events_snapshot_after_the_log_wraps():
     behind = pool.events.since(pool.events.epoch, 1)
     assert behind.reset and behind.stored == chain_hashes([5], 1)
     assert pool.events.since(pool.events.epoch + 1, pool.events.seq).reset  # a restarted worker
+
+
+def test_a_freed_requests_blocks_come_back_as_one_ascending_run():
+    """Free puts a request's blocks in the queue tail first; allocate still hands them out ascending, so
+    the next request's blocks are consecutive (the KV link sends such runs without gathering)."""
+    pool = BlockPool(8, 2)
+    first = pool.allocate(5)
+    pool.allocate(3)
+    pool.free(first)  # queued 4, 3, 2, 1, 0
+    assert first == pool.allocate(5) == [0, 1, 2, 3, 4]

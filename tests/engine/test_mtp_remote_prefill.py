@@ -59,7 +59,8 @@ class CopySender:
         self.dst_caches, self.dst_block_ids = dst_caches, dst_block_ids
         self.layers_sent: set[int] = set()
 
-    def send_layer(self, transfer_id, layer, cache, block_ids, first, count):
+    def send_layer(self, transfer_id, layer, cache, block_ids, first, count, copy=True):
+        # Lands synchronously, so copy=False (blocks read after the call) needs nothing more here.
         self.layers_sent.add(layer)
         dst = self.dst_caches[layer]
         for p in range(first, first + count):

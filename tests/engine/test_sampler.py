@@ -5,7 +5,7 @@ import torch
 
 from glmserve.engine.sampler import (
     TOP_P_CANDIDATES, SampledToken, Sampler, SamplingRow, apply_min_p, apply_penalties, apply_top_k,
-    apply_top_p, token_counts)
+    apply_top_p, argmax_rows, token_counts)
 from glmserve.engine.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -311,3 +311,14 @@ def test_glm_sized_mixed_batch():
     # a seeded row gives the same token alone as inside the full batch
     again = row(kinds[1], prompt=range(5, 205), output=range(5, 8), seed=5)
     assert Sampler()(logits[5:6], [again])[0].token_id == out[5].token_id
+
+
+def test_cpu_argmax_through_numpy_equals_torch_argmax():
+    """Ties go to the first index and NaN wins, as torch's argmax does; strided views work too."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(64, 300, generator=g), torch.zeros(4, 9), torch.zeros(7).expand(5, -1),
+             torch.tensor([[1.0, float("nan"), 2.0], [3.0, 3.0, 1.0], [float("-inf"), float("-inf"), -1.0]]),
+             torch.randn(6, 10, generator=g)[:, ::2]]
+    for x in cases:
+        got = argmax_rows(x)
+        assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))

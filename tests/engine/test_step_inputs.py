@@ -77,3 +77,36 @@ def test_the_layer_loop_reports_each_layer_once(tmp_path):
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5]}], SP(temperature=0.0, max_tokens=3, ignore_eos=True))
     layers = list(range(engine.model_config.num_hidden_layers))
     assert len(calls) == 3 and all(c == layers for c in calls)
+
+
+def test_steady_decode_reuses_last_tables_and_stays_equal_to_the_reference():
+    """Decode steps over the same rows copy only rows that gained a block; a released row taken over by a
+    new request at the same batch position, and a wider table, must still give the reference's tables."""
+    rng = random.Random(1)
+    builder = StepInputBuilder(max_blocks_per_seq=64, block_size=BS, device=torch.device("cpu"))
+    next_block = iter(range(10_000))
+    batch = [Request(f"r{i}", [rng.randrange(100) for _ in range(rng.randint(1, 12))], SamplingParams())
+             for i in range(8)]
+    reused = 0
+    for step in range(40):
+        if step == 20:  # r3 finishes; a new request takes its row and its place in the batch
+            builder.release([batch[3].request_id])
+            batch[3] = Request("late", [rng.randrange(100) for _ in range(9)], SamplingParams())
+        chunks = []
+        for req in batch:
+            n = req.num_tokens - req.num_computed_tokens
+            if not n:
+                req.token_ids.append(rng.randrange(100))
+                n = 1
+            need = -(-(req.num_computed_tokens + n) // BS)
+            req.block_ids += [next(next_block) for _ in range(need - len(req.block_ids))]
+            chunks.append(ScheduledChunk(req, n))
+        before = builder._bt
+        _, ctx = builder.build(chunks, [])
+        reused += builder._bt is before
+        ref = build_context([SeqChunk(list(c.request.block_ids), c.request.num_computed_tokens, c.num_new_tokens)
+                             for c in chunks], BS, [], torch.device("cpu"))
+        _assert_same(ctx, ref)
+        for c in chunks:
+            c.request.num_computed_tokens += c.num_new_tokens
+    assert reused > 20  # the reuse path ran (most steps), not only the full gather
