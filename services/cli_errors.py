@@ -7,6 +7,7 @@ import sys
 
 from glmserve.engine.memory_check import ModelTooLarge
 from glmserve.launcher import StartupFailed
+from glmserve.worker.errors import EngineSettingRefused
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -17,7 +18,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # Failures that are the caller's input, not a bug: reported as one line.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ModelTooLarge, StartupFailed)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ModelTooLarge, StartupFailed, EngineSettingRefused)
 
 
 def report(command: str, exc: BaseException) -> int:

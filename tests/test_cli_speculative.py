@@ -54,6 +54,6 @@ def test_worker_with_a_checkpoint_without_mtp_weights_fails_in_one_line(tmp_path
                            "--no-progress", "--grpc-port", "0", "--http-port", "0", "--mtp-step", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [f"glmserve {role}: speculative decoding with MTP needs the "
+    assert proc.stderr.strip().splitlines() == [f"glmserve {role}: error: speculative decoding with MTP needs the "
                                                 f"checkpoint's MTP layer; {model_dir} has no MTP weights "
                                                 "(num_nextn_predict_layers = 0 or no mtp tensors)"]

@@ -10,9 +10,11 @@ import grpc
 
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.engine import LLMEngine
+from glmserve.engine.memory_check import ModelTooLarge
 from glmserve.metrics import ServiceMetrics
 from glmserve.worker.config import WorkerConfig
 from glmserve.worker.engine_metrics import EngineMetrics
+from glmserve.worker.errors import EngineSettingRefused
 from glmserve.worker.grpc_options import SERVER_OPTIONS
 from glmserve.worker.http_server import create_worker_app, make_http_server
 from glmserve.worker.lifecycle import Lifecycle, ServingState
@@ -48,7 +50,9 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
     except ValueError as exc:  # a setting this checkpoint or machine cannot honour (no MTP weights, fa3 on CPU)
         http.should_exit = True
         await http_task
-        raise SystemExit(f"glmserve {cfg.role}: {exc}") from None
+        if isinstance(exc, ModelTooLarge):
+            raise
+        raise EngineSettingRefused(str(exc)) from None
     holder["engine"] = engine
     async_engine = AsyncEngine(engine)
     engine_metrics = EngineMetrics(metrics)
