@@ -30,7 +30,9 @@ def init_tensor_parallel(cfg: ParallelConfig, rank: int, init_addr: str, device:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://{init_addr}", rank=rank,
                             world_size=cfg.tensor_parallel_size, timeout=timedelta(seconds=timeout_s))
-    state = ParallelState(rank=rank, size=cfg.tensor_parallel_size, expert_parallel=cfg.enable_expert_parallel)
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    state = ParallelState(rank=rank, size=cfg.tensor_parallel_size, expert_parallel=cfg.enable_expert_parallel,
+                          cpu_group=cpu_group)
     set_current(state)
     return state
 

@@ -31,12 +31,14 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class ParallelState:
-    """This rank's place in its tensor-parallel group. group None = the default process group."""
+    """This rank's place in its tensor-parallel group. group None = the default process group; cpu_group
+    carries the leader's step messages (gloo, also when the tensors go over NCCL)."""
 
     rank: int = 0
     size: int = 1
     expert_parallel: bool = False
     group: Any = None
+    cpu_group: Any = None
 
     @property
     def is_parallel(self) -> bool:
@@ -47,6 +49,14 @@ class ParallelState:
         if self.size > 1:
             torch.distributed.all_reduce(x, group=self.group)
         return x
+
+    def min_over_ranks(self, n: int) -> int:
+        """The smallest n of all ranks (e.g. KV blocks: every rank must hold the leader's block ids)."""
+        if self.size == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenation of every rank's x along the last dim (rank order)."""
