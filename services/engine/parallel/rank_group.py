@@ -50,6 +50,20 @@ def _follower_main(rank: int, cfg: EngineConfig, addr: str, torch_threads: int |
     shutdown_tensor_parallel()
 
 
+def check_shardable(cfg: EngineConfig) -> None:
+    """Refuse (ValueError, one line) a model whose heads, experts or MLPs do not split into
+    cfg.tensor_parallel_size ranks, before any process starts: the model is built on the meta device."""
+    from glmserve.engine.attention.torch_backend import TorchAttentionBackend
+    from glmserve.engine.loader import resolve_source
+    from glmserve.engine.models.registry import model_class
+    from glmserve.engine.parallel.parallel_state import building_with
+
+    model_cfg, _, _ = resolve_source(cfg.model, cfg.load_format)
+    state = ParallelState(rank=0, size=cfg.tensor_parallel_size, expert_parallel=cfg.enable_expert_parallel)
+    with building_with(state), torch.device("meta"):
+        model_class(model_cfg.arch)(model_cfg, TorchAttentionBackend())
+
+
 class RankGroup:
     def __init__(self, procs: list, state: ParallelState, on_rank_death: Callable[[str], None] | None):
         self.procs = procs
@@ -97,6 +111,7 @@ def start_rank_group(cfg: EngineConfig, torch_threads: int | None = None,
         raise ValueError("MTP speculative decoding does not support tensor parallelism yet")
     from glmserve.local_ports import free_port
 
+    check_shardable(cfg)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and torch.cuda.device_count() < cfg.tensor_parallel_size:
         raise ValueError(f"tensor_parallel_size {cfg.tensor_parallel_size} needs as many GPUs; this machine has "
