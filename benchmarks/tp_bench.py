@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,8 @@ from bench_common import environment, print_table, write_json  # noqa: E402
 MID_SIZE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                 num_key_value_heads=4, head_dim=64, moe_intermediate_size=352, n_routed_experts=32,
                 num_experts_per_tok=4, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
-                use_qk_norm=False, attention_bias=True, max_position_embeddings=4096, dtype="bfloat16")
+                use_qk_norm=False, attention_bias=True, max_position_embeddings=4096, dtype="bfloat16",
+                num_nextn_predict_layers=0)
 VOCAB = 32000
 
 
@@ -56,6 +56,17 @@ class _CommTimer:
             setattr(ParallelState, name, timed)
 
 
+def _memory() -> dict[str, int]:
+    """Resident and peak resident bytes of this process (VmHWM starts afresh at exec, unlike ru_maxrss,
+    which a spawned child inherits from its parent)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def _rank(rank: int, tp: int, threads: int, port: int, model_dir: str, args, conn) -> None:
     torch.set_num_threads(threads)
     from glmserve.engine.attention.context import SeqChunk, build_context
@@ -68,9 +79,9 @@ def _rank(rank: int, tp: int, threads: int, port: int, model_dir: str, args, con
     timer = _CommTimer()
     if tp > 1:
         init_tensor_parallel(ParallelConfig(tp), rank, f"127.0.0.1:{port}", torch.device("cpu"))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _memory()
     loaded = load_model(model_dir, dtype="bfloat16", device="cpu", backend=TorchAttentionBackend(), show_progress=False)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _memory()
     model, cfg = loaded.model, loaded.config
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bs = 16
@@ -106,8 +117,8 @@ def _rank(rank: int, tp: int, threads: int, port: int, model_dir: str, args, con
             i = times.index(sorted(times)[len(times) // 2])  # the median run (odd --iters)
             results[name] = {"median_ms": statistics.median(times) * 1e3, "comm_ms": comm[i] * 1e3,
                              "runs_ms": [t * 1e3 for t in times], "comm_runs_ms": [c * 1e3 for c in comm]}
-    conn.send({"rank": rank, "param_bytes": param_bytes, "load_peak_rss_growth_bytes": (rss1 - rss0) * 1024,
-               "steps": results})
+    conn.send({"rank": rank, "param_bytes": param_bytes, "load_rss_growth_bytes": after["VmRSS"] - before["VmRSS"],
+               "load_peak_rss_growth_bytes": after["VmHWM"] - before["VmHWM"], "steps": results})
 
 
 def _run(tp: int, threads: int, model_dir: str, args) -> list[dict]:
@@ -152,12 +163,14 @@ def main() -> None:
                 rows.append({"run": label, "step": step, "ms": s["median_ms"], "comm_ms": s["comm_ms"],
                              "comm_share": s["comm_ms"] / s["median_ms"] if tp > 1 else None,
                              "weights_mib": r0["param_bytes"] / 2**20,
-                             "rss_mib": r0["load_peak_rss_growth_bytes"] / 2**20})
+                             "rss_mib": r0["load_rss_growth_bytes"] / 2**20,
+                             "hwm_mib": r0["load_peak_rss_growth_bytes"] / 2**20})
     print_table(f"TP on CPU: mid-size GLM-4.5-Air-shaped model ({info['num_params'] / 1e6:.0f}M params, bf16); "
                 f"prefill {args.prefill} tokens, decode batch {args.batch} over {args.context} cached; rank 0",
                 rows, [("run", "run", ""), ("step", "step", ""), ("ms", "step ms", ".1f"),
                        ("comm_ms", "in collectives ms", ".1f"), ("comm_share", "comm share", ".0%"),
-                       ("weights_mib", "weights/rank MiB", ".0f"), ("rss_mib", "load peak RSS growth MiB", ".0f")])
+                       ("weights_mib", "weights/rank MiB", ".0f"), ("rss_mib", "RSS growth by loading MiB", ".0f"),
+                       ("hwm_mib", "peak RSS growth MiB", ".0f")])
     write_json(args.out, {"benchmark": "tp_bench", "environment": environment(torch.device("cpu")),
                           "config": {**MID_SIZE, "vocab_size": VOCAB, "num_params": info["num_params"],
                                      "prefill_tokens": args.prefill, "decode_batch": args.batch,

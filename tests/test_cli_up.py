@@ -15,7 +15,7 @@ from glmserve.cli_args import add_engine_args
 from glmserve.launcher import process_specs
 
 # Not implemented yet, or (--speculative-num-steps) only valid with another flag: see the MTP test below.
-REFUSED = {"--speculative-num-steps", "--tensor-parallel-size"}
+REFUSED = {"--speculative-num-steps", "--tensor-parallel-size", "--nnodes", "--node-rank", "--dist-init-addr"}
 
 
 def _engine_actions() -> list[argparse.Action]:

@@ -309,6 +309,11 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Routed experts partitioned across the ranks instead of split inside each expert.
     enable_expert_parallel: bool = False
+    # A group spanning machines (SGLang's names): nnodes nodes of tensor_parallel_size / nnodes ranks each;
+    # node 0 hosts the leader, whose TCP store listens on dist_init_addr (HOST:PORT; None = a free local port).
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
 
     @property
     def with_mtp(self) -> bool:

@@ -74,6 +74,7 @@ class LLM:
             self.shutdown()
             raise
         if self._group is not None:
+            self._group.attach(self.engine.runner)
             atexit.register(self.shutdown)
         model_dir = self.engine.loaded.model_dir
         self.tokenizer = Tokenizer(model_dir) if model_dir and (Path(model_dir) / "tokenizer.json").exists() else None

@@ -81,6 +81,8 @@ class LeaderRunner:
         self.st = st
         self._released: list[str] = []
         self._closed = False
+        # Called with a one-line reason when a step fails because the group broke (a rank died).
+        self.on_broken: Callable[[str], None] | None = None
 
     def __getattr__(self, name: str):  # num_blocks, kv_caches, inputs, cuda_graph_stats, ...
         return getattr(self.runner, name)
@@ -91,8 +93,14 @@ class LeaderRunner:
 
     def execute(self, chunks, on_layer_done: Callable[[int], None] | None = None, keep_hidden: bool = False):
         released, self._released = self._released, []
-        _broadcast(("step", released, _describe(chunks)), self.st)
-        return self.runner.execute(chunks, on_layer_done, keep_hidden)
+        try:
+            _broadcast(("step", released, _describe(chunks)), self.st)
+            return self.runner.execute(chunks, on_layer_done, keep_hidden)
+        except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or timed out
+            if self.on_broken is not None:
+                first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # gloo adds advice
+                self.on_broken(f"the tensor-parallel group broke during a step ({first})")
+            raise
 
     def close(self) -> None:
         """Tell the followers to exit (idempotent; a broken group is already gone)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
+import time
 from dataclasses import replace
 from typing import Callable
 
@@ -20,6 +21,8 @@ import torch
 
 from glmserve.engine.config import EngineConfig
 from glmserve.engine.dtypes import resolve_device
+from glmserve.engine.engine import LLMEngine
+from glmserve.engine.parallel.group_runner import follower_loop
 from glmserve.engine.parallel.distributed import init_tensor_parallel, shutdown_tensor_parallel
 from glmserve.engine.parallel.parallel_state import ParallelConfig, ParallelState, set_current, SINGLE
 
@@ -36,8 +39,6 @@ def _follower_main(rank: int, cfg: EngineConfig, addr: str, torch_threads: int |
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(levelname)s %(message)s")
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    from glmserve.engine.engine import LLMEngine
-    from glmserve.engine.parallel.group_runner import follower_loop
 
     pcfg = ParallelConfig(cfg.tensor_parallel_size, cfg.enable_expert_parallel)
     try:
@@ -74,16 +75,37 @@ class RankGroup:
         self._watcher = threading.Thread(target=self._watch, name="tp-rank-watcher", daemon=True)
         self._watcher.start()
 
+    def _dead_rank(self) -> str | None:
+        for rank, p in enumerate(self.procs, start=1):
+            if not p.is_alive():
+                return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        return None
+
+    def _fail(self, reason: str) -> None:
+        if self.broken is not None or self._closing:
+            return
+        self.broken = reason
+        logger.error("%s: the group of %d ranks cannot run; stopping", reason, self.state.size)
+        if self.on_rank_death is not None:
+            self.on_rank_death(reason)
+
     def _watch(self) -> None:
-        while not self._closing:
-            for rank, p in enumerate(self.procs, start=1):
-                if not p.is_alive() and not self._closing:
-                    self.broken = f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-                    logger.error("%s: the group of %d ranks cannot run; stopping", self.broken, len(self.procs) + 1)
-                    if self.on_rank_death is not None:
-                        self.on_rank_death(self.broken)
-                    return
+        while not self._closing and self.broken is None:
+            reason = self._dead_rank()
+            if reason is not None:
+                self._fail(reason)
+                return
             self._watcher_sleep()
+
+    def attach(self, runner) -> None:
+        """The leader's runner reports a step that failed because the group broke, like the watcher does."""
+        if hasattr(runner, "on_broken"):
+            runner.on_broken = self._broken_during_step
+
+    def _broken_during_step(self, reason: str) -> None:
+        # A local rank's death is the likelier and clearer cause: name it when there is one.
+        time.sleep(_WATCH_INTERVAL_S)  # its exit may take a moment to be visible
+        self._fail(self._dead_rank() or reason)
 
     def _watcher_sleep(self) -> None:
         threading.Event().wait(_WATCH_INTERVAL_S)
@@ -101,31 +123,82 @@ class RankGroup:
         set_current(SINGLE)
 
 
-def start_rank_group(cfg: EngineConfig, torch_threads: int | None = None,
-                     on_rank_death: Callable[[str], None] | None = None) -> tuple[EngineConfig, RankGroup | None]:
-    """For TP > 1: spawn ranks 1.. and join the group as rank 0. Returns the config the leader's engine is
-    built with (its device pinned to rank 0's) and the group; (cfg, None) for a single rank."""
-    if cfg.tensor_parallel_size == 1:
-        return cfg, None
+def check_layout(cfg: EngineConfig) -> None:
+    """Refuse (ValueError, one line) a group layout that cannot start."""
+    tp, nnodes = cfg.tensor_parallel_size, cfg.nnodes
+    if nnodes < 1 or tp % nnodes:
+        raise ValueError(f"--nnodes {nnodes} must divide --tensor-parallel-size {tp}")
+    if not 0 <= cfg.node_rank < nnodes:
+        raise ValueError(f"--node-rank {cfg.node_rank} is outside 0..{nnodes - 1}")
+    if nnodes > 1 and not cfg.dist_init_addr:
+        raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, the same on every node)")
     if cfg.with_mtp:
         raise ValueError("MTP speculative decoding does not support tensor parallelism yet")
-    from glmserve.local_ports import free_port
 
-    check_shardable(cfg)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and torch.cuda.device_count() < cfg.tensor_parallel_size:
-        raise ValueError(f"tensor_parallel_size {cfg.tensor_parallel_size} needs as many GPUs; this machine has "
-                         f"{torch.cuda.device_count()}")
-    addr = f"127.0.0.1:{free_port()}"
+
+def _spawn(cfg: EngineConfig, device: torch.device, ranks: range, first: int, addr: str,
+           torch_threads: int | None) -> list:
     ctx = mp.get_context("spawn")
     procs = []
-    for rank in range(1, cfg.tensor_parallel_size):
-        rank_cfg = replace(cfg, device=rank_device(device, rank), show_progress=False)
+    for rank in ranks:
+        rank_cfg = replace(cfg, device=rank_device(device, rank - first), show_progress=False)
         p = ctx.Process(target=_follower_main, args=(rank, rank_cfg, addr, torch_threads), daemon=True,
                         name=f"glmserve-tp-rank{rank}")
         p.start()
         procs.append(p)
+    return procs
+
+
+def _local_ranks(cfg: EngineConfig) -> tuple[int, int, torch.device]:
+    """(first rank on this node, ranks per node, device type) after checking the node can hold them."""
+    check_layout(cfg)
+    check_shardable(cfg)
+    per_node = cfg.tensor_parallel_size // cfg.nnodes
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and torch.cuda.device_count() < per_node:
+        raise ValueError(f"{per_node} ranks per node need as many GPUs; this machine has {torch.cuda.device_count()}")
+    return cfg.node_rank * per_node, per_node, device
+
+
+def start_rank_group(cfg: EngineConfig, torch_threads: int | None = None,
+                     on_rank_death: Callable[[str], None] | None = None) -> tuple[EngineConfig, RankGroup | None]:
+    """For TP > 1 on node 0: spawn this node's other ranks and join the group as rank 0. Returns the config
+    the leader's engine is built with (its device pinned to rank 0's) and the group; (cfg, None) for a
+    single rank. Call `RankGroup.attach(engine.runner)` once the engine exists."""
+    if cfg.tensor_parallel_size == 1:
+        return cfg, None
+    if cfg.node_rank != 0:
+        raise ValueError("only node 0 hosts the leader; other nodes run run_follower_node")
+    from glmserve.local_ports import free_port
+
+    first, per_node, device = _local_ranks(cfg)
+    addr = cfg.dist_init_addr or f"127.0.0.1:{free_port()}"
+    procs = _spawn(cfg, device, range(1, per_node), 0, addr, torch_threads)
     leader_cfg = replace(cfg, device=rank_device(device, 0))
     pcfg = ParallelConfig(cfg.tensor_parallel_size, cfg.enable_expert_parallel)
-    state = init_tensor_parallel(pcfg, 0, addr, torch.device(leader_cfg.device))
+    try:
+        state = init_tensor_parallel(pcfg, 0, addr, torch.device(leader_cfg.device))
+    except Exception:
+        for p in procs:
+            p.kill()
+        raise
     return leader_cfg, RankGroup(procs, state, on_rank_death)
+
+
+def run_follower_node(cfg: EngineConfig, torch_threads: int | None = None) -> int:
+    """A node other than 0: this process is the node's first rank, spawned processes its others. Returns
+    0 when the leader stops the group, 1 when the group breaks (a line names why)."""
+    first, per_node, device = _local_ranks(cfg)
+    logger.info("node %d of %d: ranks %d..%d follow the leader at %s", cfg.node_rank, cfg.nnodes, first,
+                first + per_node - 1, cfg.dist_init_addr)
+    procs = _spawn(cfg, device, range(first + 1, first + per_node), first, cfg.dist_init_addr, torch_threads)
+    try:
+        _follower_main(first, replace(cfg, device=rank_device(device, 0)), cfg.dist_init_addr, torch_threads)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    return code
