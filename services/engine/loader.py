@@ -108,7 +108,7 @@ def load_model(
     skip = None if with_mtp else (lambda name: is_mtp_weight(name, cfg))
     with torch.no_grad():
         if fmt == "dummy":
-            fill_dummy_weights(net, seed=seed)
+            fill_dummy_weights(net, seed=seed, per_parameter_seed=parallel.is_parallel)
         elif parallel.is_parallel:  # only this rank's shard is read
             net.load_weights(iterate_shard_weights(model_dir, cfg, parallel, torch_dtype,
                                                    show_progress=show_progress, skip=skip))

@@ -92,6 +92,9 @@ class ModelRunner:
         self.cuda_graph_disabled_reason: str | None = "disabled by configuration"
         if enable_cuda_graph and cuda_graph_max_batch_size > 0:
             self.cuda_graph_disabled_reason = graph_unsafe_reason(model, backend, device)
+            if self.cuda_graph_disabled_reason is None and parallel_state.current().is_parallel:
+                # Captures would hold NCCL collectives: never run here (one GPU), so eager until they are.
+                self.cuda_graph_disabled_reason = "not yet validated with tensor parallelism (multi-GPU untested)"
             if self.cuda_graph_disabled_reason is None:
                 self.graphs = CudaGraphRunner(model, self.kv_caches, self.block_size, cuda_graph_max_batch_size,
                                               max_model_len or model_cfg.max_position_embeddings, device,

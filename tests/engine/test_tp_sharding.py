@@ -75,3 +75,24 @@ def test_padded_slice_is_zero_filled():
 def test_parallel_config_refuses_nonsense():
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         ParallelConfig(tensor_parallel_size=0)
+
+
+def test_dummy_weights_agree_on_replicated_parameters_across_ranks(tmp_path):
+    """--load-format dummy on TP ranks: norms, router and the MLA latent projections (replicated) are the
+    same on every rank, so the ranks compute one model, not one each."""
+    from glmserve.engine.attention.torch_backend import TorchAttentionBackend
+    from glmserve.engine.loader import load_model
+    from glmserve.engine.parallel.parallel_state import building_with
+
+    model_dir = write_tiny_checkpoint("glm4_moe_lite", tmp_path / "m")["model_dir"]
+    params = []
+    for rank in range(2):
+        with building_with(_st(rank, 2)):
+            net = load_model(str(model_dir), dtype="float32", device="cpu", load_format="dummy",
+                             backend=TorchAttentionBackend(), show_progress=False).model
+        params.append(dict(net.named_parameters()))
+    replicated = ["model.norm.weight", "model.layers.1.mlp.gate_weight", "model.layers.1.input_layernorm.weight",
+                  "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    for name in replicated:
+        assert torch.equal(params[0][name], params[1][name]), name
+    assert not torch.equal(params[0]["model.norm.weight"], torch.ones_like(params[0]["model.norm.weight"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from dataclasses import replace
@@ -160,6 +161,17 @@ def _local_ranks(cfg: EngineConfig) -> tuple[int, int, torch.device]:
     return cfg.node_rank * per_node, per_node, device
 
 
+def split_threads(device: torch.device, per_node: int, threads: int | None) -> int | None:
+    """CPU ranks share the machine's cores: at most cores / ranks torch threads each (this process's
+    too), so N ranks never oversubscribe them. GPU ranks keep what they were given."""
+    if device.type != "cpu":
+        return threads
+    share = max(1, (os.cpu_count() or 1) // per_node)
+    threads = min(threads or torch.get_num_threads(), share)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def start_rank_group(cfg: EngineConfig, torch_threads: int | None = None,
                      on_rank_death: Callable[[str], None] | None = None) -> tuple[EngineConfig, RankGroup | None]:
     """For TP > 1 on node 0: spawn this node's other ranks and join the group as rank 0. Returns the config
@@ -172,6 +184,7 @@ def start_rank_group(cfg: EngineConfig, torch_threads: int | None = None,
     from glmserve.local_ports import free_port
 
     first, per_node, device = _local_ranks(cfg)
+    torch_threads = split_threads(device, per_node, torch_threads)
     addr = cfg.dist_init_addr or f"127.0.0.1:{free_port()}"
     procs = _spawn(cfg, device, range(1, per_node), 0, addr, torch_threads)
     leader_cfg = replace(cfg, device=rank_device(device, 0))
@@ -189,6 +202,7 @@ def run_follower_node(cfg: EngineConfig, torch_threads: int | None = None) -> in
     """A node other than 0: this process is the node's first rank, spawned processes its others. Returns
     0 when the leader stops the group, 1 when the group breaks (a line names why)."""
     first, per_node, device = _local_ranks(cfg)
+    torch_threads = split_threads(device, per_node, torch_threads)
     logger.info("node %d of %d: ranks %d..%d follow the leader at %s", cfg.node_rank, cfg.nnodes, first,
                 first + per_node - 1, cfg.dist_init_addr)
     procs = _spawn(cfg, device, range(first + 1, first + per_node), first, cfg.dist_init_addr, torch_threads)
