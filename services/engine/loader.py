@@ -97,9 +97,8 @@ def load_model(
 
         backend = registry.create("auto", dev)
     parallel = parallel_state.current()
-    # FP8 checkpoints stay FP8 on GPUs with FP8 tensor cores; everywhere else (and, for now, on tensor-
-    # parallel ranks, whose FP8 scales are not sharded yet) they are dequantized.
-    fp8_layout = plan_fp8(cfg, dev, model_dir) if fmt != "dummy" and not parallel.is_parallel else None
+    # FP8 checkpoints stay FP8 on GPUs with FP8 tensor cores; everywhere else they are dequantized.
+    fp8_layout = plan_fp8(cfg, dev, model_dir) if fmt != "dummy" else None
     with torch.device("meta"):  # count parameters without allocating them
         num_params = sum(p.numel() for p in model_class(cfg.arch)(cfg, backend, with_mtp=with_mtp).parameters())
     per_param = 1 if fp8_layout is not None else torch.finfo(torch_dtype).bits // 8
@@ -110,8 +109,12 @@ def load_model(
         if fmt == "dummy":
             fill_dummy_weights(net, seed=seed, per_parameter_seed=parallel.is_parallel)
         elif parallel.is_parallel:  # only this rank's shard is read
-            net.load_weights(iterate_shard_weights(model_dir, cfg, parallel, torch_dtype,
-                                                   show_progress=show_progress, skip=skip))
+            shard = iterate_shard_weights(model_dir, cfg, parallel, torch_dtype, show_progress=show_progress,
+                                          skip=skip, keep_fp8=fp8_layout is not None)
+            if fp8_layout is not None:
+                load_fp8_weights(net, model_dir, cfg, torch_dtype, weights=shard)
+            else:
+                net.load_weights(shard)
         elif fp8_layout is not None:
             load_fp8_weights(net, model_dir, cfg, torch_dtype, show_progress=show_progress, skip=skip)
         else:

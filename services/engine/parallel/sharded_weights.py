@@ -51,21 +51,21 @@ def pad(t: torch.Tensor, sl: Slice) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=sl.dim)
 
 
-def _fp8_shard(handle, scale_handle, name: str, sl: Slice, dtype: torch.dtype) -> torch.Tensor:
+def _fp8_shard(handle, scale_handle, name: str, sl: Slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(FP8 weight slice, its scales) read apart; None for block-wise scales (blocks need not line up
+    with the shard's edges)."""
     scale_name = name + "_scale"
     scale_shape = tuple(scale_handle.get_slice(scale_name).get_shape())
     weight_shape = tuple(handle.get_slice(name).get_shape())
-    blockwise = len(scale_shape) == 2 and scale_shape[1] > 1
-    if blockwise or sl.dim is None:
-        whole = dequantize_fp8(handle.get_tensor(name), scale_handle.get_tensor(scale_name), dtype)
-        return slice_tensor(whole, sl)
+    if len(scale_shape) == 2 and scale_shape[1] > 1:
+        return None
     weight = read_slice(handle, name, sl)
     per_channel = len(scale_shape) >= 1 and scale_shape[0] == weight_shape[0] and weight_shape[0] > 1
     if per_channel and sl.dim == 0:
         scale = read_slice(scale_handle, scale_name, Slice(scale_name, 0, sl.ranges))
     else:  # per-tensor, or a column split: every output channel keeps its whole scale
         scale = scale_handle.get_tensor(scale_name)
-    return dequantize_fp8(weight, scale, dtype)
+    return weight, scale
 
 
 def iterate_shard_weights(
@@ -76,8 +76,10 @@ def iterate_shard_weights(
     *,
     show_progress: bool = True,
     skip: Callable[[str], bool] | None = None,
+    keep_fp8: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, this rank's part of the tensor) for the checkpoint's tensors this rank holds."""
+    """Yield (name, this rank's part of the tensor) for the checkpoint's tensors this rank holds.
+    keep_fp8: FP8 weights stay FP8, each followed by its (sliced) `weight_scale` (the GPU FP8 path)."""
     from safetensors import safe_open
 
     files = checkpoint_files(model_dir)
@@ -97,7 +99,20 @@ def iterate_shard_weights(
                 if handle.get_slice(name).get_dtype() in ("F8_E4M3", "F8_E5M2"):
                     if name + "_scale" not in where:
                         raise ValueError(f"FP8 tensor {name} has no {name}_scale in the checkpoint")
-                    t = _fp8_shard(handle, where[name + "_scale"], name, sl, dtype or torch.bfloat16)
+                    scale_handle = where[name + "_scale"]
+                    parts = _fp8_shard(handle, scale_handle, name, sl)
+                    if keep_fp8:
+                        if parts is None:
+                            raise ValueError(f"{name}: block-wise FP8 scales cannot be kept on tensor-parallel ranks")
+                        yield sl.name, parts[0]
+                        yield sl.name + "_scale", parts[1]
+                        continue
+                    if parts is None:  # block-wise: dequantize the whole tensor, then slice it
+                        whole = dequantize_fp8(handle.get_tensor(name), scale_handle.get_tensor(name + "_scale"),
+                                               dtype or torch.bfloat16)
+                        t = slice_tensor(whole, sl)
+                    else:
+                        t = dequantize_fp8(parts[0], parts[1], dtype or torch.bfloat16)
                 else:
                     t = read_slice(handle, name, sl)
                     if dtype is not None and t.is_floating_point() and t.dtype not in _FP8_DTYPES \
