@@ -56,3 +56,21 @@ def test_killed_rank_fails_the_next_call_quickly(model_dir):
         assert group.broken is not None and "rank 1" in group.broken and "exited" in group.broken
     finally:
         llm.shutdown()
+
+
+def test_llm_tp2_under_preemption_generates_what_one_rank_does(model_dir):
+    """A cache too small for the batch: requests are preempted and recomputed, their block tables rebuilt;
+    the other rank follows every table change (it is sent only the blocks each request gained)."""
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 200 + 2 for j in range(30)]} for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    kw = dict(dtype="float32", show_progress=False, num_kv_blocks=8, block_size=16)
+    one = LLM(model_dir, **kw)
+    want = [o.outputs[0].token_ids for o in one.generate(prompts, params)]
+    assert one.engine.scheduler.num_preemptions > 0  # the scenario really preempts
+    two = LLM(model_dir, tensor_parallel_size=2, **kw)
+    try:
+        got = [o.outputs[0].token_ids for o in two.generate(prompts, params)]
+        assert two.engine.scheduler.num_preemptions > 0
+    finally:
+        two.shutdown()
+    assert got == want

@@ -1,7 +1,7 @@
 """A worker as a group of ranks: the leader (rank 0) schedules and samples; every rank runs its shard.
 
 Each step the leader broadcasts what the step needs (per chunk: request id, first new position, the new
-tokens, the block table) on the group's CPU channel, then runs the forward; the followers rebuild the
+tokens, the blocks gained since the last step) on the group's CPU channel, then runs the forward; the followers rebuild the
 same chunks and run the same forward, so every collective inside the model pairs up. Logits are gathered
 on every rank, but only the leader samples. Step inputs rows freed on the leader are freed on the
 followers with the next message.
@@ -52,19 +52,30 @@ class _FollowerChunk:
     completes_sequence: bool
 
 
-def _describe(chunks) -> list[tuple]:
+def _describe(chunks, known: dict[str, int]) -> list[tuple]:
+    """Per chunk: (request id, first new position, total tokens, blocks gained since the last step, new
+    tokens, samples). Block tables only grow between releases (as StepInputBuilder assumes), so only
+    their new tail travels: a decode step costs O(batch), not O(context)."""
     out = []
     for c in chunks:
         r, n = c.request, c.num_new_tokens
         start = r.num_computed_tokens
-        out.append((r.request_id, start, r.num_tokens, list(r.block_ids), list(r.token_ids[start : start + n]),
+        blocks = r.block_ids
+        sent = known.get(r.request_id, 0)
+        known[r.request_id] = len(blocks)
+        out.append((r.request_id, start, r.num_tokens, list(blocks[sent:]), list(r.token_ids[start : start + n]),
                     c.completes_sequence))
     return out
 
 
-def _rebuild(described: list[tuple]) -> list[_FollowerChunk]:
-    return [_FollowerChunk(_FollowerRequest(rid, start, total, blocks, _OffsetTokens(start, ids)), len(ids), done)
-            for rid, start, total, blocks, ids, done in described]
+def _rebuild(described: list[tuple], tables: dict[str, list[int]]) -> list[_FollowerChunk]:
+    chunks = []
+    for rid, start, total, new_blocks, ids, done in described:
+        blocks = tables.setdefault(rid, [])
+        blocks += new_blocks
+        chunks.append(_FollowerChunk(_FollowerRequest(rid, start, total, blocks, _OffsetTokens(start, ids)),
+                                     len(ids), done))
+    return chunks
 
 
 def _broadcast(msg: Any, st: ParallelState) -> Any:
@@ -80,6 +91,7 @@ class LeaderRunner:
         self.runner = runner
         self.st = st
         self._released: list[str] = []
+        self._known: dict[str, int] = {}  # blocks of each live request the followers already have
         self._closed = False
         # Called with a one-line reason when a step fails because the group broke (a rank died).
         self.on_broken: Callable[[str], None] | None = None
@@ -89,12 +101,14 @@ class LeaderRunner:
 
     def release_rows(self, request_ids: list[str]) -> None:
         self._released += request_ids
+        for rid in request_ids:
+            self._known.pop(rid, None)
         self.runner.release_rows(request_ids)
 
     def execute(self, chunks, on_layer_done: Callable[[int], None] | None = None, keep_hidden: bool = False):
         released, self._released = self._released, []
         try:
-            _broadcast(("step", released, _describe(chunks)), self.st)
+            _broadcast(("step", released, _describe(chunks, self._known)), self.st)
             return self.runner.execute(chunks, on_layer_done, keep_hidden)
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or timed out
             if self.on_broken is not None:
@@ -115,9 +129,12 @@ class LeaderRunner:
 
 def follower_loop(runner, st: ParallelState) -> None:
     """Run the leader's steps on this rank until it says stop (or the group breaks: raises)."""
+    tables: dict[str, list[int]] = {}  # each live request's block table, grown by the leader's messages
     while True:
         kind, released, described = _broadcast(None, st)
         if kind == _STOP:
             return
+        for rid in released:
+            tables.pop(rid, None)
         runner.release_rows(released)
-        runner.execute(_rebuild(described))
+        runner.execute(_rebuild(described, tables))
