@@ -49,3 +49,13 @@ def test_a_model_that_does_not_split_is_refused_before_any_rank_starts(tmp_path)
     with pytest.raises(SystemExit) as exc:
         cli.main(["serve", "--model", str(model_dir), "--tp", "4", "--dtype", "float32"])
     assert "is not divisible by the tensor-parallel size 4" in str(exc.value.code)
+
+
+def test_vision_models_are_refused_under_tp(tmp_path):
+    from glmserve.engine.config import EngineConfig
+    from glmserve.engine.parallel.rank_group import check_shardable
+    from glmserve.engine.tiny_checkpoint import write_tiny_checkpoint
+
+    model_dir = write_tiny_checkpoint("glm4v_moe", tmp_path / "vl")["model_dir"]
+    with pytest.raises(ValueError, match="tensor parallelism does not support the vision models"):
+        check_shardable(EngineConfig(model=str(model_dir), tensor_parallel_size=2))

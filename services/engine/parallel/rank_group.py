@@ -61,6 +61,8 @@ def check_shardable(cfg: EngineConfig) -> None:
     from glmserve.engine.parallel.parallel_state import building_with
 
     model_cfg, _, _ = resolve_source(cfg.model, cfg.load_format)
+    if model_cfg.vision is not None:  # the step messages carry no images nor M-RoPE positions yet
+        raise ValueError(f"tensor parallelism does not support the vision models ({model_cfg.arch}) yet")
     state = ParallelState(rank=0, size=cfg.tensor_parallel_size, expert_parallel=cfg.enable_expert_parallel)
     with building_with(state), torch.device("meta"):
         model_class(model_cfg.arch)(model_cfg, TorchAttentionBackend())
