@@ -23,12 +23,16 @@ _STOP = "stop"
 
 
 class _OffsetTokens:
-    """The new tokens of a chunk, indexed by their position in the sequence (what StepInputBuilder reads)."""
+    """The new tokens of a chunk, indexed by their position in the sequence, with the sequence's length
+    (what the model runner reads of a request's token list)."""
 
-    __slots__ = ("start", "ids")
+    __slots__ = ("start", "ids", "total")
 
-    def __init__(self, start: int, ids: list[int]):
-        self.start, self.ids = start, ids
+    def __init__(self, start: int, ids: list[int], total: int):
+        self.start, self.ids, self.total = start, ids, total
+
+    def __len__(self) -> int:
+        return self.total
 
     def __getitem__(self, k):
         if isinstance(k, slice):
@@ -73,7 +77,7 @@ def _rebuild(described: list[tuple], tables: dict[str, list[int]]) -> list[_Foll
     for rid, start, total, new_blocks, ids, done in described:
         blocks = tables.setdefault(rid, [])
         blocks += new_blocks
-        chunks.append(_FollowerChunk(_FollowerRequest(rid, start, total, blocks, _OffsetTokens(start, ids)),
+        chunks.append(_FollowerChunk(_FollowerRequest(rid, start, total, blocks, _OffsetTokens(start, ids, total)),
                                      len(ids), done))
     return chunks
 
