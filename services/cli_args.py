@@ -104,8 +104,16 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
                    help="mtp: speculative decoding with the model's multi-token-prediction layer")
     p.add_argument("--speculative-num-steps", type=int, default=e["speculative_num_steps"],
                    help="with --speculative-algorithm mtp: draft tokens proposed per step")
-    p.add_argument("--tensor-parallel-size", type=int, default=e["tensor_parallel_size"],
-                   help="GPUs each worker shards the model over")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=e["tensor_parallel_size"],
+                   help="ranks of this worker (one GPU each; CPU ranks share the cores): heads, MLPs and experts "
+                        "split across them; `glmserve serve` only, for now")
+    p.add_argument("--enable-expert-parallel", action="store_true", default=e["enable_expert_parallel"],
+                   help="with --tensor-parallel-size > 1: whole routed experts per rank instead of every expert split")
+    p.add_argument("--nnodes", type=int, default=e["nnodes"], help="machines one tensor-parallel group spans")
+    p.add_argument("--node-rank", type=int, default=e["node_rank"],
+                   help="this machine's index in the group (0 hosts the leader and serves HTTP)")
+    p.add_argument("--dist-init-addr", default=e["dist_init_addr"],
+                   help="HOST:PORT where node 0's group store listens (same on every node)")
     p.add_argument("--no-progress", action="store_true", default=not e["show_progress"],
                    help="no progress bar while loading weights")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -115,8 +123,21 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
 def check_engine_args(args: argparse.Namespace, single_process: bool = False) -> None:
     """Refuse, in one line, engine flags that are accepted by the parser but not implemented yet.
     single_process: `glmserve serve` (MTP speculative decoding works there and across the split alike)."""
-    if args.tensor_parallel_size != 1:
-        raise SystemExit("--tensor-parallel-size > 1 is not supported yet")
+    if args.tensor_parallel_size < 1:
+        raise SystemExit("--tensor-parallel-size must be at least 1")
+    if args.tensor_parallel_size > 1 and not single_process:
+        raise SystemExit("--tensor-parallel-size > 1 works with `glmserve serve` (and the offline LLM) only so far; "
+                         "prefill/decode workers and `glmserve up` run one rank each")
+    if (args.nnodes != 1 or args.node_rank != 0 or args.dist_init_addr) and args.tensor_parallel_size == 1:
+        raise SystemExit("--nnodes, --node-rank and --dist-init-addr need --tensor-parallel-size > 1")
+    if args.tensor_parallel_size > 1 and args.tensor_parallel_size % max(args.nnodes, 1):
+        raise SystemExit(f"--nnodes {args.nnodes} must divide --tensor-parallel-size {args.tensor_parallel_size}")
+    if args.nnodes > 1 and not args.dist_init_addr:
+        raise SystemExit("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, the same on every node)")
+    if not 0 <= args.node_rank < max(args.nnodes, 1):
+        raise SystemExit(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
+    if args.tensor_parallel_size > 1 and args.speculative_algorithm != "none":
+        raise SystemExit("--speculative-algorithm mtp does not support --tensor-parallel-size > 1 yet")
     if args.speculative_algorithm == "none" and args.speculative_num_steps != ENGINE_DEFAULTS["speculative_num_steps"]:
         raise SystemExit("--speculative-num-steps needs --speculative-algorithm mtp")
     if not 1 <= args.speculative_num_steps <= MAX_SPECULATIVE_TOKENS:
@@ -164,7 +185,8 @@ def engine_config(args: argparse.Namespace, cache_dir: Path, single_process: boo
         enable_cuda_graph=not args.disable_cuda_graph,
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         speculative_algorithm=args.speculative_algorithm, speculative_num_steps=args.speculative_num_steps,
-        tensor_parallel_size=args.tensor_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
+        nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
         cuda_graph_capture_sizes=_sizes(args.cuda_graph_capture_sizes),
     )
 

@@ -45,7 +45,6 @@ NOTES: dict[str, str] = {
     "--trust_remote_code": "glmserve runs its own GLM implementation; no model code is downloaded or run",
     "--enable-auto-tool-choice": "tool calls are parsed whenever --tool-call-parser is set (tool_choice auto)",
     "--async-scheduling": "glmserve's engine thread already schedules apart from the HTTP side",
-    "--enable-expert-parallel": "one device holds every expert (tensor/expert parallelism is not built yet)",
     "--disable-log-requests": "glmserve does not log requests",
     "--disable-log-stats": "glmserve logs no periodic stats (see /metrics)",
     "--additional-config": "vllm-ascend options have no meaning on glmserve",

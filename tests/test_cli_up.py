@@ -15,7 +15,7 @@ from glmserve.cli_args import add_engine_args
 from glmserve.launcher import process_specs
 
 # Not implemented yet, or (--speculative-num-steps) only valid with another flag: see the MTP test below.
-REFUSED = {"--speculative-num-steps", "--tensor-parallel-size"}
+REFUSED = {"--speculative-num-steps", "--tensor-parallel-size", "--nnodes", "--node-rank", "--dist-init-addr"}
 
 
 def _engine_actions() -> list[argparse.Action]:
@@ -81,7 +81,7 @@ def test_defaults_pass_no_engine_flags_but_split_the_cores():
 
 @pytest.mark.parametrize("argv, message", [
     (["--speculative-num-steps", "2"], "--speculative-num-steps needs --speculative-algorithm mtp"),
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size > 1 is not supported yet"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size > 1 works with `glmserve serve`"),
     (["--decode", "0"], "--prefill and --decode need at least 1 worker each"),
 ])
 def test_flags_not_implemented_yet_are_refused_before_anything_starts(argv, message):

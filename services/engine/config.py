@@ -305,7 +305,15 @@ class EngineConfig:
     # leaves it out, its tensors unread (on GLM-4.7 it is ~7.5 GB of bf16 the KV cache keeps instead).
     speculative_algorithm: str = "none"  # none | mtp
     speculative_num_steps: int = 1
-    tensor_parallel_size: int = 1  # only 1 yet (the CLI refuses more)
+    # Ranks of one worker (engine/parallel/): heads, MLPs and experts split; rank 0 schedules and samples.
+    tensor_parallel_size: int = 1
+    # Routed experts partitioned across the ranks instead of split inside each expert.
+    enable_expert_parallel: bool = False
+    # A group spanning machines (SGLang's names): nnodes nodes of tensor_parallel_size / nnodes ranks each;
+    # node 0 hosts the leader, whose TCP store listens on dist_init_addr (HOST:PORT; None = a free local port).
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
 
     @property
     def with_mtp(self) -> bool:

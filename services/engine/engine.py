@@ -19,6 +19,8 @@ from glmserve.engine.loader import LoadedModel, load_model
 from glmserve.engine.logits_processors import validate_token_constraints
 from glmserve.engine.model_runner import ModelRunner
 from glmserve.engine.outputs import EngineOutput
+from glmserve.engine.parallel import parallel_state
+from glmserve.engine.parallel.group_runner import LeaderRunner
 from glmserve.engine.request import FinishReason, Request, RequestStatus
 from glmserve.engine.sampler import SampledToken, Sampler, SamplingRow
 from glmserve.engine.sampling_params import SamplingParams
@@ -62,6 +64,9 @@ class LLMEngine:
                                   max_model_len=self.max_model_len,
                                   cuda_graph_capture_sizes=cfg.cuda_graph_capture_sizes,
                                   extra_kv_layers=1 if spec_k else 0, num_lookahead_tokens=spec_k)
+        group = parallel_state.current()
+        if group.is_parallel and group.rank == 0:  # the leader announces each step to the other ranks
+            self.runner = LeaderRunner(self.runner, group)
         self.pool = BlockPool(self.runner.num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(cfg.scheduler, self.pool)
         self.scheduler.num_lookahead_tokens = spec_k

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -271,9 +271,11 @@ def finish_fp8(model: nn.Module, dtype: torch.dtype) -> None:
 
 @torch.no_grad()
 def load_fp8_weights(model: nn.Module, model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype,
-                     show_progress: bool = True, skip: Callable[[str], bool] | None = None) -> set[str]:
+                     show_progress: bool = True, skip: Callable[[str], bool] | None = None,
+                     weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> set[str]:
     """Load an FP8 checkpoint into a model already converted by `convert_to_fp8`; names `skip` accepts are
-    not read."""
+    not read. weights: the (name, tensor) stream with FP8 weights and their scales kept (default: the whole
+    checkpoint; a tensor-parallel rank passes its shard's)."""
     from glmserve.engine.weights import iterate_weights
 
     for module in model.modules():
@@ -282,8 +284,9 @@ def load_fp8_weights(model: nn.Module, model_dir: str | Path, cfg: ModelConfig, 
             if isinstance(buf, torch.Tensor):
                 buf.fill_(float("nan"))
     scales: dict[str, torch.Tensor] = {}
-    loaded = model.load_weights(split_scales(
-        iterate_weights(model_dir, dtype, keep_fp8=True, show_progress=show_progress, skip=skip), scales))
+    if weights is None:
+        weights = iterate_weights(model_dir, dtype, keep_fp8=True, show_progress=show_progress, skip=skip)
+    loaded = model.load_weights(split_scales(weights, scales))
     assign_scales(model, scales, cfg)
     finish_fp8(model, dtype)
     return loaded

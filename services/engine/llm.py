@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from glmserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from glmserve.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from glmserve.engine.engine import LLMEngine
 from glmserve.engine.model_source import DEFAULT_CACHE_DIR, resolve_model
+from glmserve.engine.parallel.rank_group import start_rank_group
 from glmserve.engine.outputs import CompletionOutput, EngineOutput, Logprob, RequestOutput
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.spec_decode.config import parse_speculative_config
@@ -47,8 +49,12 @@ class LLM:
                  chunked_prefill_size: int = SchedulerConfig.chunked_prefill_size,
                  attention_backend: str = EngineConfig.prefill_attention_backend,
                  show_progress: bool = EngineConfig.show_progress, cache_dir: str | Path | None = None,
-                 speculative_config: dict | None = None):
-        """speculative_config: vLLM's form, {"method": "mtp", "num_speculative_tokens": k} (k = 1..4)."""
+                 speculative_config: dict | None = None,
+                 tensor_parallel_size: int = EngineConfig.tensor_parallel_size,
+                 enable_expert_parallel: bool = EngineConfig.enable_expert_parallel):
+        """speculative_config: vLLM's form, {"method": "mtp", "num_speculative_tokens": k} (k = 1..4).
+        tensor_parallel_size > 1: this process becomes rank 0 and starts the other ranks itself (one GPU
+        each on CUDA); `shutdown()` (or interpreter exit) stops them."""
         spec_algorithm, spec_steps = parse_speculative_config(speculative_config)
         model_path = resolve_model(model, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR)
         cfg = EngineConfig(
@@ -59,8 +65,17 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       chunked_prefill_size=chunked_prefill_size, max_model_len=max_model_len),
             show_progress=show_progress, speculative_algorithm=spec_algorithm, speculative_num_steps=spec_steps,
+            tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel,
         )
-        self.engine = LLMEngine(cfg)
+        cfg, self._group = start_rank_group(cfg)
+        try:
+            self.engine = LLMEngine(cfg)
+        except BaseException:
+            self.shutdown()
+            raise
+        if self._group is not None:
+            self._group.attach(self.engine.runner)
+            atexit.register(self.shutdown)
         model_dir = self.engine.loaded.model_dir
         self.tokenizer = Tokenizer(model_dir) if model_dir and (Path(model_dir) / "tokenizer.json").exists() else None
         self._ids = itertools.count()
@@ -68,6 +83,12 @@ class LLM:
         self._image_cfg = None
         if self.engine.model_config.vision is not None:
             self._image_cfg = ImageProcessorConfig.from_dir(model_dir) if model_dir else ImageProcessorConfig()
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do for one rank)."""
+        group, self._group = self._group, None
+        if group is not None:
+            group.close(getattr(getattr(self, "engine", None), "runner", None))
 
     def get_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -20,6 +20,8 @@ from glmserve.engine.fp8 import Fp8Layout, convert_to_fp8, load_fp8_weights, pla
 from glmserve.engine.memory_check import check_fits
 from glmserve.engine.models.registry import model_class
 from glmserve.engine.models.weight_utils import is_mtp_weight, keep_router_fp32
+from glmserve.engine.parallel import parallel_state
+from glmserve.engine.parallel.sharded_weights import iterate_shard_weights
 from glmserve.engine.presets import canonical_preset, preset_config
 from glmserve.engine.weights import fill_dummy_weights, iterate_weights
 
@@ -94,6 +96,7 @@ def load_model(
         from glmserve.engine.attention import registry
 
         backend = registry.create("auto", dev)
+    parallel = parallel_state.current()
     # FP8 checkpoints stay FP8 on GPUs with FP8 tensor cores; everywhere else they are dequantized.
     fp8_layout = plan_fp8(cfg, dev, model_dir) if fmt != "dummy" else None
     with torch.device("meta"):  # count parameters without allocating them
@@ -104,7 +107,14 @@ def load_model(
     skip = None if with_mtp else (lambda name: is_mtp_weight(name, cfg))
     with torch.no_grad():
         if fmt == "dummy":
-            fill_dummy_weights(net, seed=seed)
+            fill_dummy_weights(net, seed=seed, per_parameter_seed=parallel.is_parallel)
+        elif parallel.is_parallel:  # only this rank's shard is read
+            shard = iterate_shard_weights(model_dir, cfg, parallel, torch_dtype, show_progress=show_progress,
+                                          skip=skip, keep_fp8=fp8_layout is not None)
+            if fp8_layout is not None:
+                load_fp8_weights(net, model_dir, cfg, torch_dtype, weights=shard)
+            else:
+                net.load_weights(shard)
         elif fp8_layout is not None:
             load_fp8_weights(net, model_dir, cfg, torch_dtype, show_progress=show_progress, skip=skip)
         else:

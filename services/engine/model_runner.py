@@ -21,6 +21,7 @@ from glmserve.engine.encoder_cache import EncoderCache
 from glmserve.engine.kernel_selection import select_kernels
 from glmserve.engine.kv_cache import allocate_kv_caches, kv_cache_spec
 from glmserve.engine.mm_step import MultiModalStepBuilder
+from glmserve.engine.parallel import parallel_state
 from glmserve.engine.scheduler import ScheduledChunk
 from glmserve.engine.step_inputs import StepInputBuilder
 
@@ -79,7 +80,9 @@ class ModelRunner:
         self.spec = kv_cache_spec(model_cfg, cache_cfg.block_size)
         num_kv_layers = model_cfg.num_hidden_layers + extra_kv_layers
         max_len = (max_model_len or model_cfg.max_position_embeddings) + num_lookahead_tokens
-        self.num_blocks = plan_num_blocks(self.spec, num_kv_layers, dtype, device, cache_cfg, max_len)
+        # Every rank of a tensor-parallel group must hold the block ids the leader hands out.
+        self.num_blocks = parallel_state.current().min_over_ranks(
+            plan_num_blocks(self.spec, num_kv_layers, dtype, device, cache_cfg, max_len))
         self.kv_caches = allocate_kv_caches(self.spec, num_kv_layers, self.num_blocks, dtype, device)
         self.kernels = select_kernels(model, device)  # which kernels were chosen: the benchmarks report it
         self.inputs = StepInputBuilder(min(self.num_blocks, -(-max_len // self.block_size) + 1), self.block_size, device)
@@ -89,6 +92,9 @@ class ModelRunner:
         self.cuda_graph_disabled_reason: str | None = "disabled by configuration"
         if enable_cuda_graph and cuda_graph_max_batch_size > 0:
             self.cuda_graph_disabled_reason = graph_unsafe_reason(model, backend, device)
+            if self.cuda_graph_disabled_reason is None and parallel_state.current().is_parallel:
+                # Captures would hold NCCL collectives: never run here (one GPU), so eager until they are.
+                self.cuda_graph_disabled_reason = "not yet validated with tensor parallelism (multi-GPU untested)"
             if self.cuda_graph_disabled_reason is None:
                 self.graphs = CudaGraphRunner(model, self.kv_caches, self.block_size, cuda_graph_max_batch_size,
                                               max_model_len or model_cfg.max_position_embeddings, device,

@@ -9,6 +9,7 @@ FP8 GEMM path that keeps them quantized.
 from __future__ import annotations
 
 import json
+import zlib
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterator
@@ -95,13 +96,17 @@ def iterate_weights(
 
 
 @torch.no_grad()
-def fill_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+def fill_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02, per_parameter_seed: bool = False) -> None:
     """Random weights in place without reading files: matrices N(0, std), norm weights 1 + N(0, 0.01),
-    biases and correction biases N(0, 0.01). Small values keep activations of a deep model finite."""
+    biases and correction biases N(0, 0.01). Small values keep activations of a deep model finite.
+    per_parameter_seed: each parameter drawn from a generator seeded by its name, so tensor-parallel ranks
+    fill their replicated parameters (norms, router) identically."""
     gen_cache: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         gen = gen_cache.get(p.device)
-        if gen is None:
+        if per_parameter_seed:
+            gen = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        elif gen is None:
             gen = gen_cache[p.device] = torch.Generator(device=p.device).manual_seed(seed)
         leaf = name.rsplit(".", 1)[-1]
         if p.dim() == 1 and leaf == "weight":  # norms

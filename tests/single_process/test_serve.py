@@ -47,5 +47,5 @@ def test_unimplemented_engine_flags_are_refused_in_one_line(tmp_path):
     from glmserve.cli import main
 
     with pytest.raises(SystemExit) as exc:  # before any model is loaded (the directory is empty)
-        main(["serve", "--model", str(tmp_path), "--tensor-parallel-size", "2"])
-    assert exc.value.code == "--tensor-parallel-size > 1 is not supported yet"
+        main(["serve", "--model", str(tmp_path), "--tensor-parallel-size", "2", "--speculative-algorithm", "mtp"])
+    assert exc.value.code == "--speculative-algorithm mtp does not support --tensor-parallel-size > 1 yet"

@@ -16,6 +16,8 @@ from glmserve.engine.config import ModelConfig
 from glmserve.engine.models.glm_base import GLMDecoderLayer, GLMForCausalLM
 from glmserve.engine.models.layers import Linear, RMSNorm
 from glmserve.engine.models.rope import RotaryEmbedding, rotate_neox
+from glmserve.engine.parallel import parallel_state, sharding
+from glmserve.engine.parallel.layers import RowParallelLinear
 
 
 class Glm4MoeAttention(nn.Module):
@@ -26,15 +28,17 @@ class Glm4MoeAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.backend = backend
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        st = parallel_state.current()
+        # This rank's heads (all of them on one rank); KV heads replicated when TP > num KV heads.
+        _, self.num_heads = sharding.heads(cfg.num_attention_heads, st)
+        _, self.num_kv_heads = sharding.kv_heads(cfg.num_attention_heads, cfg.num_key_value_heads, st)
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = Linear(h, self.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = Linear(h, self.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.num_heads * d, h, bias=False)
+        self.o_proj = RowParallelLinear(self.num_heads * d, h, False, st)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.use_qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.use_qk_norm else None
 

@@ -15,11 +15,13 @@ from torch import nn
 from glmserve.engine.attention.backend import AttentionBackend
 from glmserve.engine.attention.context import ForwardContext
 from glmserve.engine.config import ModelConfig
-from glmserve.engine.models.layers import Linear, RMSNorm, SwiGLUMLP
+from glmserve.engine.models.layers import Linear, RMSNorm
 from glmserve.engine.models.moe import MoE
 from glmserve.engine.models.mtp import MTPLayer, mtp_optional
 from glmserve.engine.models.rope import RotaryEmbedding
 from glmserve.engine.models.weight_utils import hf_weight_target, hf_weight_target_without_mtp, load_named_weights
+from glmserve.engine.parallel import parallel_state
+from glmserve.engine.parallel.layers import ParallelSwiGLUMLP, VocabParallelEmbedding, gather_logits
 
 
 class GLMDecoderLayer(nn.Module):
@@ -31,7 +33,8 @@ class GLMDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = self.attention_cls(cfg, layer_idx, backend)
         dense = layer_idx < len(cfg.dense_layers) and cfg.dense_layers[layer_idx]
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size) if dense else MoE(cfg)
+        self.mlp = ParallelSwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, parallel_state.current()) if dense \
+            else MoE(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -45,8 +48,7 @@ class GLMModel(nn.Module):
                  rotary: RotaryEmbedding):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel_state.current())
         self.layers = nn.ModuleList(layer_cls(cfg, i, backend) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = rotary
@@ -78,8 +80,12 @@ class GLMForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = backend
+        self.parallel = parallel_state.current()
+        if with_mtp and self.parallel.is_parallel:
+            raise ValueError("MTP speculative decoding does not support tensor parallelism yet")
         self.model = GLMModel(cfg, backend, self.layer_cls, self.make_rotary(cfg))
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        # Vocabulary-parallel head: this rank's slice of the vocabulary (gather_logits joins them).
+        self.lm_head = Linear(cfg.hidden_size, self.model.embed_tokens.weight.shape[0])
         self.tie_weights()
         self.mtp: MTPLayer | None = None
         if with_mtp and cfg.num_nextn_predict_layers > 0:
@@ -96,7 +102,7 @@ class GLMForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return gather_logits(self.lm_head(hidden).float(), self.cfg.vocab_size, self.parallel)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named checkpoint tensors; returns the parameter names loaded. Unknown names, wrong shapes

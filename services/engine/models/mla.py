@@ -16,6 +16,8 @@ from glmserve.engine.attention.context import ForwardContext
 from glmserve.engine.config import ModelConfig
 from glmserve.engine.models.layers import Linear, RMSNorm
 from glmserve.engine.models.rope import rotate_interleaved, rotate_neox
+from glmserve.engine.parallel import parallel_state, sharding
+from glmserve.engine.parallel.layers import RowParallelLinear
 
 # transformers 5.23 builds q_a_layernorm / kv_a_layernorm with its RMSNorm default eps (1e-6), not
 # config.rms_norm_eps; we match the reference.
@@ -27,7 +29,8 @@ class MLAAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.backend = backend
-        self.num_heads = cfg.num_attention_heads
+        st = parallel_state.current()
+        _, self.num_heads = sharding.heads(cfg.num_attention_heads, st)  # the latent stays whole on every rank
         self.nope_dim = cfg.qk_nope_head_dim
         self.rope_dim = cfg.qk_rope_head_dim
         self.v_dim = cfg.v_head_dim
@@ -46,7 +49,7 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(h, self.rank + self.rope_dim, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
         self.kv_b_proj = Linear(self.rank, self.num_heads * (self.nope_dim + self.v_dim))
-        self.o_proj = Linear(self.num_heads * self.v_dim, h, bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, h, cfg.attention_bias, st)
         self._mla_weights: MLAWeights | None = None
         self._mla_weights_src: tuple[int, torch.dtype] | None = None
 

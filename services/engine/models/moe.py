@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmserve.engine.config import ModelConfig
-from glmserve.engine.models.layers import SwiGLUMLP
+from glmserve.engine.parallel import parallel_state, sharding
+from glmserve.engine.parallel.layers import ParallelSwiGLUMLP
 
 
 def route(
@@ -72,11 +73,17 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        # Tensor parallel: every expert's intermediate split across ranks, or (expert parallel) whole experts
+        # [first_expert, first_expert + local) on this rank; either way one all-reduce sums the partial outputs.
+        self.parallel = st = parallel_state.current()
+        self.first_expert, local = sharding.experts(e, st)
+        local_i = sharding.expert_intermediate(cfg, st)
         self.gate_weight = nn.Parameter(torch.empty(e, h), requires_grad=False)  # router, kept fp32
         self.e_score_correction_bias = nn.Parameter(torch.zeros(e), requires_grad=False)
-        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(e, h, i), requires_grad=False)
-        self.shared_experts = SwiGLUMLP(h, i * cfg.n_shared_experts) if cfg.n_shared_experts > 0 else None
+        self.w13 = nn.Parameter(torch.empty(local, 2 * local_i, h), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(local, h, local_i), requires_grad=False)
+        self.shared_experts = (ParallelSwiGLUMLP(h, i * cfg.n_shared_experts, st, reduce=False)
+                               if cfg.n_shared_experts > 0 else None)
         # Swappable expert implementation (the fused Triton MoE kernel plugs in here).
         self.experts_fn = experts_reference
 
@@ -87,7 +94,16 @@ class MoE(nn.Module):
             logits, self.e_score_correction_bias.float(), c.num_experts_per_tok, c.n_group, c.topk_group,
             c.norm_topk_prob, c.routed_scaling_factor,
         )
+        if self.parallel.expert_parallel:
+            weights, ids = self.local_routes(weights, ids)
         out = self.experts_fn(x, weights, ids, self.w13, self.w2)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return self.parallel.all_reduce(out)
+
+    def local_routes(self, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routes to this rank's experts, renumbered from 0; the others get weight 0 on local expert 0, so
+        every experts_fn (reference or fused kernel) runs unchanged and adds exactly nothing for them."""
+        local = ids - self.first_expert
+        mine = (local >= 0) & (local < self.w13.shape[0])
+        return weights * mine, torch.where(mine, local, torch.zeros_like(local))
