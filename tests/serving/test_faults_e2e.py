@@ -7,6 +7,7 @@ and afterwards no worker holds KV blocks."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -37,8 +38,10 @@ def test_worker_faults_under_load_fail_no_request(model_dir):
         assert all(r.failed == 0 for r in rows), report
         assert not load.mismatched(load.outcomes), report
         assert all(r.back_in_pool_s < 60 for r in rows), report
-        # The decode kill hit streams in flight: some requests really were migrated.
-        assert "resuming after" in dep.log, report
+        # The decode kill hit requests in flight: some really were sent to the other decode worker (resumed
+        # after their streamed tokens, or retried when still waiting for their prefill at the kill).
+        assert re.search(r"decode worker \S+ (failed|stopped answering|ended the stream early)[^;]*; "
+                         r"(resuming after|retrying)", dep.log), report
         assert dep.log.count(" restarted (pid ") == 2, report  # the two killed workers
     # Ctrl-C after all that: every process stops (restarted ones included), cleanly: no native
     # "terminate called" noise, no traceback.
