@@ -36,10 +36,30 @@ def test_layouts_that_cannot_start_are_refused_in_one_line(words, message):
 
 
 @pytest.mark.parametrize("command", ["prefill", "decode"])
-def test_workers_refuse_tp_for_now(command):
-    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2"])
-    with pytest.raises(SystemExit, match="works with `glmserve serve`"):
+def test_workers_take_tp_on_one_machine(command):
+    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2", "--enable-expert-parallel"])
+    eng = engine_config(args, cli.cache_dir())
+    assert (eng.tensor_parallel_size, eng.enable_expert_parallel) == (2, True)
+    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"])
+    with pytest.raises(SystemExit, match="--nnodes > 1 works with `glmserve serve` only"):
         engine_config(args, cli.cache_dir())
+
+
+def test_workers_refuse_tp_that_splits_the_kv_heads(tmp_path):
+    """The KV link goes leader to leader: a worker whose ranks would each hold part of the KV heads is
+    refused in one line; the MLA latent and a single KV head are whole on every rank."""
+    from glmserve.engine.config import EngineConfig
+    from glmserve.engine.tiny_model import build_tiny_model
+    from glmserve.worker.rank_group import check_kv_whole_on_every_rank
+
+    split = build_tiny_model("glm4_moe", tmp_path / "gqa2")  # 2 KV heads
+    with pytest.raises(ValueError) as exc:
+        check_kv_whole_on_every_rank(EngineConfig(model=str(split), tensor_parallel_size=2), "decode")
+    assert "2 KV heads would be split across ranks" in str(exc.value) and "\n" not in str(exc.value)
+    one_head = build_tiny_model("glm4_moe", tmp_path / "gqa1", overrides={"num_key_value_heads": 1})
+    mla = build_tiny_model("glm4_moe_lite", tmp_path / "mla")
+    for model in (one_head, mla):
+        check_kv_whole_on_every_rank(EngineConfig(model=str(model), tensor_parallel_size=2), "prefill")
 
 
 def test_a_model_that_does_not_split_is_refused_before_any_rank_starts(tmp_path):

@@ -5,6 +5,10 @@ tokens, the blocks gained since the last step) on the group's CPU channel, then 
 same chunks and run the same forward, so every collective inside the model pairs up. Logits are gathered
 on every rank, but only the leader samples. Step inputs rows freed on the leader are freed on the
 followers with the next message.
+
+KV that reached the leader from outside the group (a prefill worker's, over the KV link) is copied to
+the followers with the next step message (`share_kv`): this works when every rank's cache holds the
+same thing (the MLA latent, or a single GQA KV head), the only layouts disaggregated TP workers accept.
 """
 
 from __future__ import annotations
@@ -88,6 +92,22 @@ def _broadcast(msg: Any, st: ParallelState) -> Any:
     return box[0]
 
 
+def _copy_blocks(kv_caches, block_ids: list[int], st: ParallelState) -> None:
+    """The leader's rows of these blocks, every layer, into the same blocks of every rank (one broadcast)."""
+    if not block_ids:
+        return
+    first = kv_caches[0]
+    idx = torch.as_tensor(block_ids, dtype=torch.int64, device=first.device)
+    if st.rank == 0:
+        rows = torch.stack([c.index_select(0, idx) for c in kv_caches])
+    else:
+        rows = torch.empty((len(kv_caches), len(block_ids), *first.shape[1:]), dtype=first.dtype, device=first.device)
+    torch.distributed.broadcast(rows, src=0, group=st.group)
+    if st.rank != 0:
+        for c, r in zip(kv_caches, rows):
+            c.index_copy_(0, idx, r)
+
+
 class LeaderRunner:
     """The leader's ModelRunner: same interface, each step announced to the followers first."""
 
@@ -95,6 +115,7 @@ class LeaderRunner:
         self.runner = runner
         self.st = st
         self._released: list[str] = []
+        self._imported: list[int] = []  # blocks whose KV arrived from outside, not yet on the followers
         self._known: dict[str, int] = {}  # blocks of each live request the followers already have
         self._closed = False
         # Called with a one-line reason when a step fails because the group broke (a rank died).
@@ -109,10 +130,16 @@ class LeaderRunner:
             self._known.pop(rid, None)
         self.runner.release_rows(request_ids)
 
+    def share_kv(self, block_ids: list[int]) -> None:
+        """These blocks' KV landed on the leader only: the followers get it before the next step runs."""
+        self._imported += block_ids
+
     def execute(self, chunks, on_layer_done: Callable[[int], None] | None = None, keep_hidden: bool = False):
         released, self._released = self._released, []
+        imported, self._imported = self._imported, []
         try:
-            _broadcast(("step", released, _describe(chunks, self._known)), self.st)
+            _broadcast(("step", released, _describe(chunks, self._known), imported), self.st)
+            _copy_blocks(self.runner.kv_caches, imported, self.st)
             return self.runner.execute(chunks, on_layer_done, keep_hidden)
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or timed out
             if self.on_broken is not None:
@@ -126,7 +153,7 @@ class LeaderRunner:
             return
         self._closed = True
         try:
-            _broadcast((_STOP, [], []), self.st)
+            _broadcast((_STOP, [], [], []), self.st)
         except RuntimeError as exc:
             logger.warning("tensor-parallel group already broken at shutdown: %s", exc)
 
@@ -135,9 +162,10 @@ def follower_loop(runner, st: ParallelState) -> None:
     """Run the leader's steps on this rank until it says stop (or the group breaks: raises)."""
     tables: dict[str, list[int]] = {}  # each live request's block table, grown by the leader's messages
     while True:
-        kind, released, described = _broadcast(None, st)
+        kind, released, described, imported = _broadcast(None, st)
         if kind == _STOP:
             return
+        _copy_blocks(runner.kv_caches, imported, st)
         for rid in released:
             tables.pop(rid, None)
         runner.release_rows(released)
