@@ -45,21 +45,20 @@ def test_workers_take_tp_on_one_machine(command):
         engine_config(args, cli.cache_dir())
 
 
-def test_workers_refuse_tp_that_splits_the_kv_heads(tmp_path):
-    """The KV link goes leader to leader: a worker whose ranks would each hold part of the KV heads is
-    refused in one line; the MLA latent and a single KV head are whole on every rank."""
-    from glmserve.engine.config import EngineConfig
+def test_the_leader_keeps_a_full_head_mirror_only_when_the_ranks_split_the_kv_heads(tmp_path):
+    from glmserve.engine.loader import resolve_source
     from glmserve.engine.tiny_model import build_tiny_model
-    from glmserve.worker.rank_group import check_kv_whole_on_every_rank
+    from glmserve.worker.rank_group import kv_head_slices
 
-    split = build_tiny_model("glm4_moe", tmp_path / "gqa2")  # 2 KV heads
-    with pytest.raises(ValueError) as exc:
-        check_kv_whole_on_every_rank(EngineConfig(model=str(split), tensor_parallel_size=2), "decode")
-    assert "2 KV heads would be split across ranks" in str(exc.value) and "\n" not in str(exc.value)
-    one_head = build_tiny_model("glm4_moe", tmp_path / "gqa1", overrides={"num_key_value_heads": 1})
-    mla = build_tiny_model("glm4_moe_lite", tmp_path / "mla")
-    for model in (one_head, mla):
-        check_kv_whole_on_every_rank(EngineConfig(model=str(model), tensor_parallel_size=2), "prefill")
+    def slices(model, tp):
+        return kv_head_slices(resolve_source(str(model), "auto")[0], tp)
+
+    gqa2 = build_tiny_model("glm4_moe", tmp_path / "gqa2")  # 6 query heads, 2 KV heads
+    assert slices(gqa2, 2) == [(0, 1), (1, 1)]
+    assert slices(gqa2, 6) == [(0, 1), (0, 1), (0, 1), (1, 1), (1, 1), (1, 1)]  # replicated
+    assert slices(gqa2, 1) is None
+    assert slices(build_tiny_model("glm4_moe", tmp_path / "gqa1", overrides={"num_key_value_heads": 1}), 2) is None
+    assert slices(build_tiny_model("glm4_moe_lite", tmp_path / "mla"), 2) is None  # the latent is whole
 
 
 def test_a_model_that_does_not_split_is_refused_before_any_rank_starts(tmp_path):

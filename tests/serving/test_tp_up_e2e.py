@@ -1,8 +1,9 @@
 """`glmserve up` with tensor-parallel prefill and decode workers (CPU, fp32, gloo), driven by the official
 `openai` client: greedy tokens equal the single-process engine's for prefill TP 2 -> decode TP 2 and
-prefill TP 2 -> decode TP 1 (MLA: the latent is whole on every rank, so the KV link goes leader to
-leader and the decode leader copies what lands to its followers); a repeated prompt reuses decode's
-prefix cache; killing a decode worker's non-leader rank ends that worker, the others keep serving and
+prefill TP 2 -> decode TP 1 with MLA (the latent is whole on every rank: the KV link goes leader to
+leader and the decode leader copies what lands to its followers), and for GQA with the KV heads split
+across ranks (TP 2 -> 2, 2 -> 1, 1 -> 2: the leaders keep a full-head mirror for the link); repeated
+prompts reuse decode's prefix cache; killing a decode worker's non-leader rank ends that worker, the others keep serving and
 the supervisor restarts it."""
 
 from __future__ import annotations
@@ -88,3 +89,25 @@ def test_prefill_tp2_to_decode_tp2_and_a_dead_rank_ends_only_its_worker(model_di
         while " restarted (pid " not in dep.log and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "decode-0 restarted (pid " in dep.log, dep.log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def gqa_model_dir(tmp_path_factory):
+    return build_tiny_model("glm4_moe", tmp_path_factory.mktemp("tp_up_gqa") / "model", seed=7)  # 2 KV heads
+
+
+@pytest.fixture(scope="module")
+def gqa_reference(gqa_model_dir):
+    llm = LLM(str(gqa_model_dir), dtype="float32", show_progress=False)
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 2), (2, 1), (1, 2)])
+def test_gqa_with_split_kv_heads(gqa_model_dir, gqa_reference, prefill_tp, decode_tp):
+    with Deployment(gqa_model_dir, prefill=1, decode=1,
+                    extra_args=(*ARGS, "--prefill-tensor-parallel-size", str(prefill_tp),
+                                "--decode-tensor-parallel-size", str(decode_tp))) as dep:
+        assert len(_rank_pids(dep.processes["decode-0"][0])) == decode_tp - 1
+        for prompt, want in zip(PROMPTS + PROMPTS, gqa_reference + gqa_reference):
+            assert _generate(dep, prompt) == want, dep.log[-3000:]
