@@ -52,10 +52,6 @@ def build_worker_engine(cfg: EngineConfig, role: str) -> tuple[LLMEngine, RankGr
     if group is not None:
         group.attach(engine.runner)
         slices = kv_head_slices(engine.model_config, cfg.tensor_parallel_size)
-        if slices is not None and role == "prefill" and cfg.cache.cpu_kv_bytes:
-            group.close(engine.runner)  # blocks restored from the CPU tier would bypass the link's mirror
-            raise ValueError("--cpu-kv-cache-gib is not supported yet on tensor-parallel prefill workers whose "
-                             "ranks split the KV heads")
         if slices is not None:
             engine.runner.keep_full_kv(KVMirror(engine.runner.kv_caches, engine.model_config.num_key_value_heads,
                                                 slices), gather_steps=role == "prefill")
