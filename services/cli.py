@@ -80,9 +80,17 @@ def up_plan(args: argparse.Namespace, model: str):
         raise SystemExit("--prefill and --decode need at least 1 worker each")
     name = args.served_model_name or Path(model).name
     worker_args = ["--served-model-name", name, *engine_argv(args)]
+    # Each role's tensor-parallel size (--tp sets both); a worker of TP N runs N rank processes.
+    tp = {role: args.tensor_parallel_size if getattr(args, f"{role}_tensor_parallel_size") is None
+          else getattr(args, f"{role}_tensor_parallel_size") for role in ("prefill", "decode")}
+    if min(tp.values()) < 1:
+        raise SystemExit("--prefill/--decode-tensor-parallel-size must be at least 1")
+    role_args = {role: ("--tensor-parallel-size", str(n)) if n != args.tensor_parallel_size else ()
+                 for role, n in tp.items()}
     if args.torch_threads is None:
-        # Local processes share the cores: oversubscribed torch threads slow every worker down.
-        worker_args += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // (args.prefill + args.decode)))]
+        # Local processes share the cores: oversubscribed torch threads slow every rank down.
+        ranks = args.prefill * tp["prefill"] + args.decode * tp["decode"]
+        worker_args += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // ranks))]
     router_args = ["--served-model-name", name, "--request-timeout", str(args.request_timeout),
                    "--routing-policy", args.routing_policy, "--health-interval", str(args.health_interval),
                    "--worker-wait-timeout", str(args.worker_wait_timeout)]
@@ -90,7 +98,8 @@ def up_plan(args: argparse.Namespace, model: str):
         if getattr(args, flag) is not None:
             router_args += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     return LaunchPlan(model=model, num_prefill=args.prefill, num_decode=args.decode, port=args.port, host=args.host,
-                      worker_args=tuple(worker_args), router_args=tuple(router_args))
+                      worker_args=tuple(worker_args), router_args=tuple(router_args),
+                      prefill_args=role_args["prefill"], decode_args=role_args["decode"])
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -194,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many prefill worker processes to start")
     u.add_argument("--num-decode", "--decode", dest="decode", type=int, default=1,
                    help="how many decode worker processes to start")
+    u.add_argument("--prefill-tensor-parallel-size", type=int, default=None,
+                   help="ranks of each prefill worker (default: --tensor-parallel-size)")
+    u.add_argument("--decode-tensor-parallel-size", type=int, default=None,
+                   help="ranks of each decode worker (default: --tensor-parallel-size)")
     u.set_defaults(func=_cmd_up)
 
     b = sub.add_parser("bench", help="online serving benchmark against an OpenAI-compatible server",

@@ -106,7 +106,7 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
                    help="with --speculative-algorithm mtp: draft tokens proposed per step")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=e["tensor_parallel_size"],
                    help="ranks of this worker (one GPU each; CPU ranks share the cores): heads, MLPs and experts "
-                        "split across them; `glmserve serve` only, for now")
+                        "split across them")
     p.add_argument("--enable-expert-parallel", action="store_true", default=e["enable_expert_parallel"],
                    help="with --tensor-parallel-size > 1: whole routed experts per rank instead of every expert split")
     p.add_argument("--nnodes", type=int, default=e["nnodes"], help="machines one tensor-parallel group spans")
@@ -125,9 +125,9 @@ def check_engine_args(args: argparse.Namespace, single_process: bool = False) ->
     single_process: `glmserve serve` (MTP speculative decoding works there and across the split alike)."""
     if args.tensor_parallel_size < 1:
         raise SystemExit("--tensor-parallel-size must be at least 1")
-    if args.tensor_parallel_size > 1 and not single_process:
-        raise SystemExit("--tensor-parallel-size > 1 works with `glmserve serve` (and the offline LLM) only so far; "
-                         "prefill/decode workers and `glmserve up` run one rank each")
+    if args.nnodes > 1 and not single_process:
+        raise SystemExit("--nnodes > 1 works with `glmserve serve` only so far; a prefill/decode worker's "
+                         "tensor-parallel group runs on one machine")
     if (args.nnodes != 1 or args.node_rank != 0 or args.dist_init_addr) and args.tensor_parallel_size == 1:
         raise SystemExit("--nnodes, --node-rank and --dist-init-addr need --tensor-parallel-size > 1")
     if args.tensor_parallel_size > 1 and args.tensor_parallel_size % max(args.nnodes, 1):

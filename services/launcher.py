@@ -31,6 +31,8 @@ class LaunchPlan:
     host: str = "127.0.0.1"
     worker_args: tuple[str, ...] = ()  # engine flags passed to every worker
     router_args: tuple[str, ...] = ()
+    prefill_args: tuple[str, ...] = ()  # flags for the prefill workers only, after worker_args (they win)
+    decode_args: tuple[str, ...] = ()
     ready_timeout: float = 600.0
 
 
@@ -87,7 +89,8 @@ def process_specs(plan: LaunchPlan, ports: Iterator[int]) -> list[ProcessSpec]:
             grpc_port, http_port = next(ports), next(ports)
             # Only the prefill workers dial the KV port, and D tells them which one: the kernel may pick it.
             kv = ("--kv-port", "0") if role == "decode" else ()
-            specs.append(ProcessSpec(f"{role}-{i}", (role, *common, "--grpc-port", str(grpc_port),
+            own = plan.prefill_args if role == "prefill" else plan.decode_args
+            specs.append(ProcessSpec(f"{role}-{i}", (role, *common, *own, "--grpc-port", str(grpc_port),
                                                      "--http-port", str(http_port), *kv),
                                      f"http://{plan.host}:{http_port}/ready", f"{plan.host}:{grpc_port}"))
             addrs[role].append(f"{plan.host}:{grpc_port}")

@@ -15,7 +15,7 @@ from glmserve.cli_args import add_engine_args
 from glmserve.launcher import process_specs
 
 # Not implemented yet, or (--speculative-num-steps) only valid with another flag: see the MTP test below.
-REFUSED = {"--speculative-num-steps", "--tensor-parallel-size", "--nnodes", "--node-rank", "--dist-init-addr"}
+REFUSED = {"--speculative-num-steps", "--nnodes", "--node-rank", "--dist-init-addr"}
 
 
 def _engine_actions() -> list[argparse.Action]:
@@ -81,7 +81,8 @@ def test_defaults_pass_no_engine_flags_but_split_the_cores():
 
 @pytest.mark.parametrize("argv, message", [
     (["--speculative-num-steps", "2"], "--speculative-num-steps needs --speculative-algorithm mtp"),
-    (["--tensor-parallel-size", "2"], "--tensor-parallel-size > 1 works with `glmserve serve`"),
+    (["--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"], "--nnodes > 1 works with `glmserve serve` only"),
+    (["--decode-tensor-parallel-size", "0"], "--prefill/--decode-tensor-parallel-size must be at least 1"),
     (["--decode", "0"], "--prefill and --decode need at least 1 worker each"),
 ])
 def test_flags_not_implemented_yet_are_refused_before_anything_starts(argv, message):
@@ -102,6 +103,21 @@ def test_mtp_settings_reach_both_roles(argv):
 
 
 def test_up_takes_exactly_serves_flags_plus_worker_counts():
-    assert _options("up") - {"--prefill", "--decode", "--num-prefill", "--num-decode"} == _options("serve")
+    assert _options("up") - {"--prefill", "--decode", "--num-prefill", "--num-decode", "--prefill-tensor-parallel-size",
+                             "--decode-tensor-parallel-size"} == _options("serve")
     engine = {o for a in _engine_actions() for o in a.option_strings}
     assert engine <= _options("up") and engine <= _options("prefill") and engine <= _options("decode")
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--tp", "2"], {"prefill": 2, "decode": 2}),
+    (["--prefill-tensor-parallel-size", "2"], {"prefill": 2, "decode": 1}),
+    (["--tp", "2", "--decode-tensor-parallel-size", "1"], {"prefill": 2, "decode": 1}),
+])
+def test_each_role_gets_its_tensor_parallel_size_and_the_cores_are_split_among_all_ranks(argv, want, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 48)
+    up, workers, _ = _workers(argv)
+    ranks = 2 * want["prefill"] + 3 * want["decode"]
+    for w in workers:
+        assert w.tensor_parallel_size == want[w.command], (w.command, argv)
+        assert w.torch_threads == 48 // ranks

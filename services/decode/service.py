@@ -64,6 +64,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.engine.scheduler.kv_connector = self.connector
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._prefill_of: dict[str, str] = {}  # request id -> prefill address, while prefilling
+        # What the KV link lands in: a TP leader's full-head mirror when its ranks split the KV heads.
+        self._link_caches = getattr(self.engine.runner, "link_kv_caches", self.engine.runner.kv_caches)
 
     def _prefill_stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
         ch = self._channels.get(address)
@@ -157,7 +159,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         mtp = self.engine.speculator is not None  # P also sends the MTP layer's KV (one more layer)
         num_layers = self.engine.model_config.num_hidden_layers + mtp
         handle = self.connector.start_transfer(
-            rid, lambda: rx.expect(tid, self.engine.runner.kv_caches, blocks, len(prompt), num_layers, first_token=local))
+            rid, lambda: rx.expect(tid, self._link_caches, blocks, len(prompt), num_layers, first_token=local))
         want_logprobs = request.sampling.HasField("logprobs")
         kv_link = pb.KvLinkAddress(host=self.cfg.advertise_host, port=self.link_server.port, link_id=rx.address.name)
         block_size = self.engine.pool.block_size

@@ -42,7 +42,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         # prompt instead and sends that layer's KV and the last hidden state to D (prompt_mtp.py).
         self.mtp = self.engine.speculator is not None
         self.engine.speculator = None
-        self.streamer = KVStreamer(self.engine.runner.kv_caches, PromptMTP(self.engine) if self.mtp else None)
+        link_caches = getattr(self.engine.runner, "link_kv_caches", self.engine.runner.kv_caches)  # TP: kv_mirror.py
+        self.streamer = KVStreamer(link_caches, PromptMTP(self.engine) if self.mtp else None)
         self.engine.step_observer = self.streamer
         self.engine.scheduler.send_guard = self.streamer  # blocks stay until their KV is sent
 

@@ -9,7 +9,6 @@ from typing import Callable
 import grpc
 
 from glmserve.engine.async_engine import AsyncEngine
-from glmserve.engine.engine import LLMEngine
 from glmserve.engine.memory_check import ModelTooLarge
 from glmserve.metrics import ServiceMetrics
 from glmserve.worker.config import WorkerConfig
@@ -18,6 +17,7 @@ from glmserve.worker.errors import EngineSettingRefused
 from glmserve.worker.grpc_options import SERVER_OPTIONS
 from glmserve.worker.http_server import create_worker_app, make_http_server
 from glmserve.worker.lifecycle import Lifecycle, ServingState
+from glmserve.worker.rank_group import build_worker_engine
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
     http = make_http_server(create_worker_app(lifecycle, metrics, load), cfg.host, cfg.http_port)
     http_task = asyncio.create_task(http.serve())  # liveness answers while the model loads
     try:
-        engine = await asyncio.to_thread(LLMEngine, cfg.engine)
+        engine, group = await asyncio.to_thread(build_worker_engine, cfg.engine, cfg.role)
     except ValueError as exc:  # a setting this checkpoint or machine cannot honour (no MTP weights, fa3 on CPU)
         http.should_exit = True
         await http_task
@@ -75,3 +75,5 @@ async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server:
         close = getattr(service, "close", None)
         if close is not None:
             close()
+        if group is not None:
+            group.close(engine.runner)

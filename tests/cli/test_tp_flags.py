@@ -36,10 +36,29 @@ def test_layouts_that_cannot_start_are_refused_in_one_line(words, message):
 
 
 @pytest.mark.parametrize("command", ["prefill", "decode"])
-def test_workers_refuse_tp_for_now(command):
-    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2"])
-    with pytest.raises(SystemExit, match="works with `glmserve serve`"):
+def test_workers_take_tp_on_one_machine(command):
+    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2", "--enable-expert-parallel"])
+    eng = engine_config(args, cli.cache_dir())
+    assert (eng.tensor_parallel_size, eng.enable_expert_parallel) == (2, True)
+    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"])
+    with pytest.raises(SystemExit, match="--nnodes > 1 works with `glmserve serve` only"):
         engine_config(args, cli.cache_dir())
+
+
+def test_the_leader_keeps_a_full_head_mirror_only_when_the_ranks_split_the_kv_heads(tmp_path):
+    from glmserve.engine.loader import resolve_source
+    from glmserve.engine.tiny_model import build_tiny_model
+    from glmserve.worker.rank_group import kv_head_slices
+
+    def slices(model, tp):
+        return kv_head_slices(resolve_source(str(model), "auto")[0], tp)
+
+    gqa2 = build_tiny_model("glm4_moe", tmp_path / "gqa2")  # 6 query heads, 2 KV heads
+    assert slices(gqa2, 2) == [(0, 1), (1, 1)]
+    assert slices(gqa2, 6) == [(0, 1), (0, 1), (0, 1), (1, 1), (1, 1), (1, 1)]  # replicated
+    assert slices(gqa2, 1) is None
+    assert slices(build_tiny_model("glm4_moe", tmp_path / "gqa1", overrides={"num_key_value_heads": 1}), 2) is None
+    assert slices(build_tiny_model("glm4_moe_lite", tmp_path / "mla"), 2) is None  # the latent is whole
 
 
 def test_a_model_that_does_not_split_is_refused_before_any_rank_starts(tmp_path):

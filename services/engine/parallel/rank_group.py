@@ -52,6 +52,16 @@ def _follower_main(rank: int, cfg: EngineConfig, addr: str, torch_threads: int |
     shutdown_tensor_parallel()
 
 
+def _spawned_follower_main(rank: int, cfg: EngineConfig, addr: str, torch_threads: int | None) -> None:
+    """A rank this process spawned. Ctrl-C / SIGTERM reach the whole process group: the ranks leave them to
+    the leader, which stops them after its drain (they also exit when it goes)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _follower_main(rank, cfg, addr, torch_threads)
+
+
 def check_shardable(cfg: EngineConfig) -> None:
     """Refuse (ValueError, one line) a model whose heads, experts or MLPs do not split into
     cfg.tensor_parallel_size ranks, before any process starts: the model is built on the meta device."""
@@ -145,7 +155,7 @@ def _spawn(cfg: EngineConfig, device: torch.device, ranks: range, first: int, ad
     procs = []
     for rank in ranks:
         rank_cfg = replace(cfg, device=rank_device(device, rank - first), show_progress=False)
-        p = ctx.Process(target=_follower_main, args=(rank, rank_cfg, addr, torch_threads), daemon=True,
+        p = ctx.Process(target=_spawned_follower_main, args=(rank, rank_cfg, addr, torch_threads), daemon=True,
                         name=f"glmserve-tp-rank{rank}")
         p.start()
         procs.append(p)
