@@ -373,8 +373,11 @@ def test_dead_prefill_fails_pending_transfer_and_fresh_link_works():
 
 def test_stalled_prefill_times_out():
     """A P that stops (no heartbeat, socket still open) fails D's transfer after the link timeout."""
-    server = KVLinkServer("127.0.0.1", 0, timeout_s=2.0)
-    proc, conn = _start_p(timeout_s=2.0)
+    # The timeout also bounds the link's gloo rendezvous: 2 s was too short for a spawned P to join in a
+    # busy full suite, and the link broke before any bytes moved.
+    timeout_s = 5.0
+    server = KVLinkServer("127.0.0.1", 0, timeout_s=timeout_s)
+    proc, conn = _start_p(timeout_s=timeout_s)
     try:
         rx = server.receiver("p")
         plans = make_plans(MLA, rx, [(0, (8, 8), False)], 5)
@@ -385,8 +388,9 @@ def test_stalled_prefill_times_out():
         os.kill(proc.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         with pytest.raises(KVLinkError, match="[Tt]imed out|timeout"):
-            h.wait(6)
-        assert 1.0 < time.monotonic() - t0 < 5.0 and rx.broken  # the last heartbeat came <= 0.5 s before the stop
+            h.wait(3 * timeout_s)
+        # the last heartbeat came <= 0.5 s before the stop
+        assert timeout_s - 1.0 < time.monotonic() - t0 < timeout_s + 3.0 and rx.broken
     finally:
         proc.kill()
         server.close()
