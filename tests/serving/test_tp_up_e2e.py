@@ -18,7 +18,7 @@ import pytest
 
 from glmserve import LLM, SamplingParams
 from glmserve.engine.tiny_model import build_tiny_model
-from tests.serving.deployment import Deployment
+from tests.serving.deployment import Deployment, pid_alive
 
 # The second prompt shares the first's first 16 tokens (whole blocks): decode reuses them the second time.
 PROMPTS = [list(range(40, 61)), [7, 8, 9], list(range(40, 56)) + [3, 4, 5, 6]]
@@ -53,14 +53,6 @@ def _rank_pids(pid: int) -> list[int]:
     return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_prefill_tp2_to_decode_tp1(model_dir, reference):
     with Deployment(model_dir, prefill=1, decode=1,
                     extra_args=(*ARGS, "--prefill-tensor-parallel-size", "2")) as dep:
@@ -79,9 +71,9 @@ def test_prefill_tp2_to_decode_tp2_and_a_dead_rank_ends_only_its_worker(model_di
         assert len(ranks) == 1, ranks
         os.kill(ranks[0], signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while _alive(victim) and dep.processes["decode-0"][0] == victim and time.monotonic() < deadline:
+        while pid_alive(victim) and dep.processes["decode-0"][0] == victim and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert dep.processes["decode-0"][0] != victim or not _alive(victim), "decode-0 kept running without rank 1"
+        assert dep.processes["decode-0"][0] != victim or not pid_alive(victim), "decode-0 kept running without rank 1"
         assert "tensor-parallel rank 1" in dep.log and "exiting" in dep.log, dep.log[-3000:]
         for prompt, want in zip(PROMPTS, reference):  # served by decode-1 meanwhile (and decode-0 once back)
             assert _generate(dep, prompt) == want, dep.log[-3000:]

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from glmserve.engine.tiny_model import build_tiny_model
-from tests.serving.deployment import Deployment
+from tests.serving.deployment import Deployment, pid_alive
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +42,6 @@ def _busiest_with_at_least(dep, expected: int) -> int:
     return by_grpc[max(running, key=running.get)]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_timed_out_request_is_cancelled_on_every_worker(model_dir):
     import httpx
 
@@ -78,9 +70,9 @@ def test_timed_out_request_is_cancelled_on_every_worker(model_dir):
         dep._proc.send_signal(signal.SIGTERM)
         assert dep._proc.wait(20) == 0
     deadline = time.monotonic() + 20
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
 
 
 def test_draining_decode_worker_finishes_its_streams_and_leaves_the_pool(model_dir):
@@ -98,9 +90,9 @@ def test_draining_decode_worker_finishes_its_streams_and_leaves_the_pool(model_d
             finish = chunk.choices[0].finish_reason or finish
         assert finish == "length"  # the running request was finished, not dropped
         deadline = time.monotonic() + 30
-        while _alive(victim) and time.monotonic() < deadline:
+        while pid_alive(victim) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(victim)
+        assert not pid_alive(victim)
         for i in range(3):  # the router no longer sends anything to the drained worker
             r = client.completions.create(model="model", prompt=[9, i + 1], max_tokens=3, temperature=0,
                                           extra_body={"ignore_eos": True})
