@@ -144,9 +144,13 @@ class Channel:
         self.peer_info = json.loads(link_store.get(f"info/{self.peer}"))
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = [_gloo_device(gloo_host)]
-        opts._timeout = td
-        # The constructor blocks until the peer has joined (rendezvous through the store).
+        # The constructor blocks until the peer has joined (rendezvous through the store): that is still
+        # connecting, so it gets the connect timeout; a busy machine can take seconds to get a fresh peer there.
+        opts._timeout = datetime.timedelta(seconds=connect_timeout_s)
         self.ctrl = dist.ProcessGroupGloo(dist.PrefixStore("gloo", link_store), rank, 2, opts)
+        # Gloo fixes its own op timeout at construction, so every wait passes this one: what a stalled peer
+        # is given once connected.
+        self.op_timeout = td
         self.backend = "nccl" if _wants_nccl(device) and self.peer_info["nccl"] else "gloo"
         self.data = self.ctrl
         if self.backend == "nccl":
@@ -169,10 +173,18 @@ class Channel:
                 flat = flat.to(self.wire_device)
             tensors.append(flat)
             works.append(self.data.send([flat], self.peer, _TAG))
-        return Sending(works, tensors, self.device if self.backend == "nccl" else None)
+        return Sending(works, tensors, self)
 
     def send(self, header: torch.Tensor, payload: torch.Tensor | None = None) -> None:
         self.post(header, payload).wait()
+
+    def wait(self, work: dist.Work, payload: bool = False) -> None:
+        """Wait for a posted receive, failing after the link timeout if the peer stalls. An NCCL payload
+        keeps its plain wait (stream ordering; NCCL's own watchdog has the timeout)."""
+        if payload and self.backend == "nccl":
+            work.wait()
+        else:
+            work.wait(self.op_timeout)
 
     def post_header_recv(self) -> dist.Work:
         return self.ctrl.recv([self.header], self.peer, _TAG)
@@ -194,15 +206,15 @@ class Channel:
 class Sending:
     """A message on its way; its tensors must stay untouched until wait() returns."""
 
-    works: list
+    works: list  # the header's, then the payload's if any
     tensors: list[torch.Tensor]
-    nccl_device: torch.device | None
+    channel: Channel
 
     def wait(self) -> None:
-        for work in self.works:
-            work.wait()
-        if self.nccl_device is not None:
-            torch.cuda.current_stream(self.nccl_device).synchronize()  # NCCL wait() only orders streams
+        for i, work in enumerate(self.works):
+            self.channel.wait(work, payload=i > 0)
+        if self.channel.backend == "nccl" and len(self.works) > 1:
+            torch.cuda.current_stream(self.channel.device).synchronize()  # NCCL wait() only orders streams
 
 
 # -- helpers shared by the two ends of a link ---------------------------------------------------

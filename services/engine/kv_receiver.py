@@ -217,7 +217,7 @@ class KVReceiver:
             if landed is not None and not header_work.is_completed():
                 self._scatter(*landed)  # nothing new yet: finish what we have before blocking
                 landed = None
-            header_work.wait()
+            ch.wait(header_work)
             h = Header.decode(ch.header)
             if h.kind == KV:
                 if landed is not None and h.block_size:
@@ -233,7 +233,7 @@ class KVReceiver:
                 if landed is not None:
                     self._scatter(*landed)
                 try:
-                    payload_work.wait()
+                    ch.wait(payload_work, payload=True)
                 finally:
                     if target is not None:
                         self._landing_done(h)
