@@ -66,7 +66,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from glmserve.single_process.main import run_single_process
 
-    return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir(), single_process=True),
+    return run_single_process(router_config(args, cache_dir()), engine_config(args, cache_dir()),
                               metrics_compat=args.metrics_compat)
 
 
@@ -76,6 +76,9 @@ def up_plan(args: argparse.Namespace, model: str):
     from glmserve.launcher import LaunchPlan
 
     check_engine_args(args)  # refuse before starting anything
+    if args.nnodes > 1:
+        raise SystemExit("glmserve up starts every worker on this machine; --nnodes > 1 is for one worker's "
+                         "group across machines (glmserve prefill/decode/serve on each node)")
     if args.prefill < 1 or args.decode < 1:
         raise SystemExit("--prefill and --decode need at least 1 worker each")
     name = args.served_model_name or Path(model).name

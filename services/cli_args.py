@@ -120,14 +120,10 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
                    help="CPU threads for torch (default: torch's); `glmserve up` splits the cores among workers")
 
 
-def check_engine_args(args: argparse.Namespace, single_process: bool = False) -> None:
-    """Refuse, in one line, engine flags that are accepted by the parser but not implemented yet.
-    single_process: `glmserve serve` (MTP speculative decoding works there and across the split alike)."""
+def check_engine_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line, engine flags that are accepted by the parser but not implemented yet."""
     if args.tensor_parallel_size < 1:
         raise SystemExit("--tensor-parallel-size must be at least 1")
-    if args.nnodes > 1 and not single_process:
-        raise SystemExit("--nnodes > 1 works with `glmserve serve` only so far; a prefill/decode worker's "
-                         "tensor-parallel group runs on one machine")
     if (args.nnodes != 1 or args.node_rank != 0 or args.dist_init_addr) and args.tensor_parallel_size == 1:
         raise SystemExit("--nnodes, --node-rank and --dist-init-addr need --tensor-parallel-size > 1")
     if args.tensor_parallel_size > 1 and args.tensor_parallel_size % max(args.nnodes, 1):
@@ -164,8 +160,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def engine_config(args: argparse.Namespace, cache_dir: Path, single_process: bool = False) -> EngineConfig:
-    check_engine_args(args, single_process)
+def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
+    check_engine_args(args)
     if args.torch_threads:
         import torch
 

@@ -14,7 +14,7 @@ def _parse(*argv: str):
 
 def test_serve_builds_an_mtp_engine_config(tmp_path):
     args = _parse("serve", "--model", "/m/tiny", "--speculative-algorithm", "mtp", "--speculative-num-steps", "3")
-    cfg = engine_config(args, tmp_path, single_process=True)
+    cfg = engine_config(args, tmp_path)
     assert (cfg.speculative_algorithm, cfg.speculative_num_steps, cfg.with_mtp) == ("mtp", 3, True)
 
 
@@ -22,7 +22,7 @@ def test_serve_builds_an_mtp_engine_config(tmp_path):
 def test_serve_refuses_steps_out_of_range(tmp_path, steps):
     args = _parse("serve", "--model", "/m/tiny", "--speculative-algorithm", "mtp", "--speculative-num-steps", steps)
     with pytest.raises(SystemExit, match=r"--speculative-num-steps must be in 1\.\.4"):
-        engine_config(args, tmp_path, single_process=True)
+        engine_config(args, tmp_path)
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])

@@ -81,7 +81,7 @@ def test_defaults_pass_no_engine_flags_but_split_the_cores():
 
 @pytest.mark.parametrize("argv, message", [
     (["--speculative-num-steps", "2"], "--speculative-num-steps needs --speculative-algorithm mtp"),
-    (["--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"], "--nnodes > 1 works with `glmserve serve` only"),
+    (["--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"], "glmserve up starts every worker on this machine"),
     (["--decode-tensor-parallel-size", "0"], "--prefill/--decode-tensor-parallel-size must be at least 1"),
     (["--decode", "0"], "--prefill and --decode need at least 1 worker each"),
 ])

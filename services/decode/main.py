@@ -1,17 +1,12 @@
-"""`glmserve decode`: one decode worker process."""
+"""`glmserve decode`: one decode worker process (or, with --node-rank > 0, one node's ranks of its group)."""
 
 from __future__ import annotations
-
-import asyncio
 
 from glmserve.decode.service import DecodeService
 from glmserve.protos import worker_pb2_grpc as pb_grpc
 from glmserve.worker.config import WorkerConfig
-from glmserve.worker.exit import exit_now
-from glmserve.worker.server import serve_worker
+from glmserve.worker.server import run_worker
 
 
 def run_decode_worker(cfg: WorkerConfig) -> int:
-    asyncio.run(serve_worker(cfg, DecodeService, pb_grpc.add_DecodeWorkerServicer_to_server))
-    exit_now(0)  # no native teardown noise (see worker/exit.py)
-    return 0
+    return run_worker(cfg, DecodeService, pb_grpc.add_DecodeWorkerServicer_to_server)

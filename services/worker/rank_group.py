@@ -1,5 +1,6 @@
 """A prefill or decode worker as a tensor-parallel group: this process is the leader (gRPC, scheduler,
-KV link), the other ranks are spawned and follow its steps (engine/parallel/rank_group.py).
+KV link), the other ranks are spawned and follow its steps (engine/parallel/rank_group.py). A group across
+machines has its other nodes' ranks join through --dist-init-addr (worker/server.run_worker).
 
 The KV link stays leader to leader: the prefill leader sends the whole KV and the decode leader copies what
 lands to its followers (group_runner.share_kv). When every rank's cache holds the whole KV (the MLA latent,
@@ -36,8 +37,6 @@ def kv_head_slices(model_cfg, tp: int) -> list[tuple[int, int]] | None:
 
 def build_worker_engine(cfg: EngineConfig, role: str) -> tuple[LLMEngine, RankGroup | None]:
     """The leader's engine and its group (None for TP 1). A rank that dies ends this process (exit 1)."""
-    if cfg.nnodes > 1:
-        raise ValueError(f"{role} workers run their tensor-parallel group on one machine for now (--nnodes 1)")
     def rank_died(reason: str) -> None:
         log.error("%s worker: %s; exiting", role, reason)
         exit_now(1)

@@ -7,19 +7,36 @@ import logging
 from typing import Callable
 
 import grpc
+import torch
 
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.memory_check import ModelTooLarge
+from glmserve.engine.parallel.rank_group import run_follower_node
 from glmserve.metrics import ServiceMetrics
 from glmserve.worker.config import WorkerConfig
 from glmserve.worker.engine_metrics import EngineMetrics
 from glmserve.worker.errors import EngineSettingRefused
+from glmserve.worker.exit import exit_now
 from glmserve.worker.grpc_options import SERVER_OPTIONS
 from glmserve.worker.http_server import create_worker_app, make_http_server
 from glmserve.worker.lifecycle import Lifecycle, ServingState
 from glmserve.worker.rank_group import build_worker_engine
 
 log = logging.getLogger(__name__)
+
+
+def run_worker(cfg: WorkerConfig, make_service: Callable, add_to_server: Callable) -> int:
+    """A prefill or decode worker process. On node 0 (or a one-node group) it serves; on another node of a
+    group spanning machines it only hosts that node's ranks, which follow node 0's leader, and ends with them."""
+    if cfg.engine.node_rank > 0:
+        try:
+            code = run_follower_node(cfg.engine, torch.get_num_threads())
+        except ValueError as exc:
+            raise EngineSettingRefused(str(exc)) from None
+        exit_now(code)
+    asyncio.run(serve_worker(cfg, make_service, add_to_server))
+    exit_now(0)  # no native teardown noise (see worker/exit.py)
+    return 0
 
 
 async def serve_worker(cfg: WorkerConfig, make_service: Callable, add_to_server: Callable) -> None:

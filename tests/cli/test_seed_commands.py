@@ -22,7 +22,7 @@ def flash_dir(tmp_path_factory):
 
 def _configs(words):
     args = cli._parse(["serve", *words])
-    return args, engine_config(args, cli.cache_dir(), single_process=True), router_config(args, cli.cache_dir())
+    return args, engine_config(args, cli.cache_dir()), router_config(args, cli.cache_dir())
 
 
 def _refused(words, capsys) -> str:

@@ -10,8 +10,7 @@ from glmserve.cli_args import engine_config
 
 
 def _engine(words):
-    return engine_config(cli._parse(["serve", "--model", "/nonexistent/m", *words]), cli.cache_dir(),
-                         single_process=True)
+    return engine_config(cli._parse(["serve", "--model", "/nonexistent/m", *words]), cli.cache_dir())
 
 
 def test_flags_reach_the_engine_config():
@@ -36,13 +35,14 @@ def test_layouts_that_cannot_start_are_refused_in_one_line(words, message):
 
 
 @pytest.mark.parametrize("command", ["prefill", "decode"])
-def test_workers_take_tp_on_one_machine(command):
+def test_workers_take_tp_on_one_machine_and_across_nodes(command):
     args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2", "--enable-expert-parallel"])
     eng = engine_config(args, cli.cache_dir())
     assert (eng.tensor_parallel_size, eng.enable_expert_parallel) == (2, True)
-    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"])
-    with pytest.raises(SystemExit, match="--nnodes > 1 works with `glmserve serve` only"):
-        engine_config(args, cli.cache_dir())
+    args = cli._parse([command, "--model", "/nonexistent/m", "--tp", "4", "--nnodes", "2", "--node-rank", "1",
+                       "--dist-init-addr", "h:1"])
+    eng = engine_config(args, cli.cache_dir())
+    assert (eng.tensor_parallel_size, eng.nnodes, eng.node_rank, eng.dist_init_addr) == (4, 2, 1, "h:1")
 
 
 def test_the_leader_keeps_a_full_head_mirror_only_when_the_ranks_split_the_kv_heads(tmp_path):

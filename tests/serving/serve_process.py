@@ -1,4 +1,5 @@
-"""Run `glmserve serve ARGS` (router and engine in one process) for a with-block.
+"""Run `glmserve serve ARGS` (router and engine in one process), or another command that answers /health on
+`port`, for a with-block.
 
     with ServeProcess(["--model", DIR, "--port", str(port)]) as s:
         httpx.get(s.base_url + "/v1/models")
@@ -25,7 +26,8 @@ STOP_GRACE_S = 15.0
 
 class ServeProcess:
     def __init__(self, args: Sequence[str], port: int, *, ready_timeout: float = 180.0,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None, command: str = "serve"):
+        self.command = command  # or router / prefill / decode: each answers /health on `port` once up
         self.args = list(args)
         self.port = port
         self.ready_timeout = ready_timeout
@@ -43,7 +45,7 @@ class ServeProcess:
         return "".join(self._log)
 
     def __enter__(self) -> "ServeProcess":
-        cmd = [sys.executable, "-m", "glmserve.cli", "serve", *self.args]
+        cmd = [sys.executable, "-m", "glmserve.cli", self.command, *self.args]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       text=True, errors="replace", env=self.env, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
@@ -51,9 +53,9 @@ class ServeProcess:
         try:
             while http_status(self.base_url + "/health") != 200:
                 if self._proc.poll() is not None:
-                    raise RuntimeError(f"glmserve serve exited with {self._proc.returncode}:\n{self.log[-4000:]}")
+                    raise RuntimeError(f"glmserve {self.command} exited with {self._proc.returncode}:\n{self.log[-4000:]}")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"glmserve serve not ready after {self.ready_timeout:.0f}s:\n{self.log[-4000:]}")
+                    raise TimeoutError(f"glmserve {self.command} not ready after {self.ready_timeout:.0f}s:\n{self.log[-4000:]}")
                 time.sleep(0.2)
         except BaseException:
             self.__exit__(None, None, None)
@@ -79,4 +81,4 @@ class ServeProcess:
         self.returncode = proc.returncode
         self._proc = None
         if exc_type is not None:
-            print(f"--- glmserve serve output ---\n{self.log[-8000:]}", file=sys.stderr)
+            print(f"--- glmserve {self.command} output ---\n{self.log[-8000:]}", file=sys.stderr)
