@@ -82,14 +82,16 @@ def up_plan(args: argparse.Namespace, model: str):
     if args.prefill < 1 or args.decode < 1:
         raise SystemExit("--prefill and --decode need at least 1 worker each")
     name = args.served_model_name or Path(model).name
-    worker_args = ["--served-model-name", name, *engine_argv(args)]
+    engine_flags = engine_argv(args)
+    group_only = _take_flag(engine_flags, "--dist-timeout")  # only a worker of TP > 1 has a group to time out
+    worker_args = ["--served-model-name", name, *engine_flags]
     # Each role's tensor-parallel size (--tp sets both); a worker of TP N runs N rank processes.
     tp = {role: args.tensor_parallel_size if getattr(args, f"{role}_tensor_parallel_size") is None
           else getattr(args, f"{role}_tensor_parallel_size") for role in ("prefill", "decode")}
     if min(tp.values()) < 1:
         raise SystemExit("--prefill/--decode-tensor-parallel-size must be at least 1")
-    role_args = {role: ("--tensor-parallel-size", str(n)) if n != args.tensor_parallel_size else ()
-                 for role, n in tp.items()}
+    role_args = {role: (("--tensor-parallel-size", str(n)) if n != args.tensor_parallel_size else ())
+                 + (group_only if n > 1 else ()) for role, n in tp.items()}
     if args.torch_threads is None:
         # Local processes share the cores: oversubscribed torch threads slow every rank down.
         ranks = args.prefill * tp["prefill"] + args.decode * tp["decode"]
@@ -103,6 +105,16 @@ def up_plan(args: argparse.Namespace, model: str):
     return LaunchPlan(model=model, num_prefill=args.prefill, num_decode=args.decode, port=args.port, host=args.host,
                       worker_args=tuple(worker_args), router_args=tuple(router_args),
                       prefill_args=role_args["prefill"], decode_args=role_args["decode"])
+
+
+def _take_flag(argv: list[str], flag: str) -> tuple[str, ...]:
+    """Remove `flag VALUE` from argv; return those words (empty when absent)."""
+    if flag not in argv:
+        return ()
+    i = argv.index(flag)
+    words = tuple(argv[i:i + 2])
+    del argv[i:i + 2]
+    return words
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

@@ -114,6 +114,8 @@ def add_engine_args(p: argparse.ArgumentParser, with_host: bool = True) -> None:
                    help="this machine's index in the group (0 hosts the leader and serves HTTP)")
     p.add_argument("--dist-init-addr", default=e["dist_init_addr"],
                    help="HOST:PORT where node 0's group store listens (same on every node)")
+    p.add_argument("--dist-timeout", type=float, default=e["dist_timeout_s"],
+                   help="seconds a tensor-parallel group's ranks wait to join and a collective waits for a peer")
     p.add_argument("--no-progress", action="store_true", default=not e["show_progress"],
                    help="no progress bar while loading weights")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -126,6 +128,12 @@ def check_engine_args(args: argparse.Namespace) -> None:
         raise SystemExit("--tensor-parallel-size must be at least 1")
     if (args.nnodes != 1 or args.node_rank != 0 or args.dist_init_addr) and args.tensor_parallel_size == 1:
         raise SystemExit("--nnodes, --node-rank and --dist-init-addr need --tensor-parallel-size > 1")
+    if args.dist_timeout <= 0:
+        raise SystemExit("--dist-timeout must be positive")
+    largest_tp = max(args.tensor_parallel_size, *(getattr(args, f"{role}_tensor_parallel_size", None) or 1
+                                                  for role in ("prefill", "decode")))  # `up` sets them per role
+    if args.dist_timeout != ENGINE_DEFAULTS["dist_timeout_s"] and largest_tp == 1:
+        raise SystemExit("--dist-timeout needs --tensor-parallel-size > 1")
     if args.tensor_parallel_size > 1 and args.tensor_parallel_size % max(args.nnodes, 1):
         raise SystemExit(f"--nnodes {args.nnodes} must divide --tensor-parallel-size {args.tensor_parallel_size}")
     if args.nnodes > 1 and not args.dist_init_addr:
@@ -183,6 +191,7 @@ def engine_config(args: argparse.Namespace, cache_dir: Path) -> EngineConfig:
         speculative_algorithm=args.speculative_algorithm, speculative_num_steps=args.speculative_num_steps,
         tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel,
         nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr,
+        dist_timeout_s=args.dist_timeout,
         cuda_graph_capture_sizes=_sizes(args.cuda_graph_capture_sizes),
     )
 

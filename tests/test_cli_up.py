@@ -14,8 +14,9 @@ from glmserve import cli
 from glmserve.cli_args import add_engine_args
 from glmserve.launcher import process_specs
 
-# Not implemented yet, or (--speculative-num-steps) only valid with another flag: see the MTP test below.
-REFUSED = {"--speculative-num-steps", "--nnodes", "--node-rank", "--dist-init-addr"}
+# Not implemented yet, or only valid with another flag (--speculative-num-steps: see the MTP test below;
+# --dist-timeout: with tensor parallelism, below).
+REFUSED = {"--speculative-num-steps", "--nnodes", "--node-rank", "--dist-init-addr", "--dist-timeout"}
 
 
 def _engine_actions() -> list[argparse.Action]:
@@ -83,6 +84,8 @@ def test_defaults_pass_no_engine_flags_but_split_the_cores():
     (["--speculative-num-steps", "2"], "--speculative-num-steps needs --speculative-algorithm mtp"),
     (["--tp", "2", "--nnodes", "2", "--dist-init-addr", "h:1"], "glmserve up starts every worker on this machine"),
     (["--decode-tensor-parallel-size", "0"], "--prefill/--decode-tensor-parallel-size must be at least 1"),
+    (["--dist-timeout", "5"], "--dist-timeout needs --tensor-parallel-size > 1"),
+    (["--tp", "2", "--dist-timeout", "0"], "--dist-timeout must be positive"),
     (["--decode", "0"], "--prefill and --decode need at least 1 worker each"),
 ])
 def test_flags_not_implemented_yet_are_refused_before_anything_starts(argv, message):
@@ -121,3 +124,12 @@ def test_each_role_gets_its_tensor_parallel_size_and_the_cores_are_split_among_a
     for w in workers:
         assert w.tensor_parallel_size == want[w.command], (w.command, argv)
         assert w.torch_threads == 48 // ranks
+
+
+def test_dist_timeout_reaches_the_tensor_parallel_workers():
+    up = cli._parse(["up", "--model", "/m/tiny", "--decode-tensor-parallel-size", "2", "--dist-timeout", "300"])
+    specs = process_specs(cli.up_plan(up, "/m/tiny"), iter(range(30000, 30100)))
+    workers = {s.name: cli._parse(list(s.args)) for s in specs if s.name != "router"}
+    assert workers["decode-0"].dist_timeout == 300.0 and workers["decode-0"].tensor_parallel_size == 2
+    # the TP 1 prefill worker has no group: it keeps the default rather than refusing the flag
+    assert workers["prefill-0"].dist_timeout == 60.0 and workers["prefill-0"].tensor_parallel_size == 1

@@ -314,6 +314,9 @@ class EngineConfig:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
+    # How long the ranks wait for each other to join, and a collective for a peer (SGLang's --dist-timeout).
+    # A dead peer fails a collective at once (its socket closes); this bounds one that hangs without dying.
+    dist_timeout_s: float = 60.0
 
     @property
     def with_mtp(self) -> bool:

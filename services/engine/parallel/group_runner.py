@@ -15,6 +15,8 @@ layer's new blocks into it, and the decode leader's copy gives each rank its own
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ from glmserve.engine.parallel.parallel_state import ParallelState
 logger = logging.getLogger(__name__)
 
 _STOP = "stop"
+_IDLE = "idle"  # no step: keeps the followers' wait for the next message inside the group timeout
 
 
 class _OffsetTokens:
@@ -141,6 +144,9 @@ class LeaderRunner:
         self._closed = False
         # Called with a one-line reason when a step fails because the group broke (a rank died).
         self.on_broken: Callable[[str], None] | None = None
+        # Steps, idle messages and the stop message are broadcast from different threads: one at a time.
+        self._sending = threading.Lock()
+        self._last_message = time.monotonic()
 
     def __getattr__(self, name: str):  # num_blocks, kv_caches, inputs, cuda_graph_stats, ...
         return getattr(self.runner, name)
@@ -169,28 +175,44 @@ class LeaderRunner:
         m = self.mirror
         imp = (imported, m.slices if m else None, m.caches[0].shape[HEAD_DIM] if m else 0) if imported else None
         try:
-            _broadcast(("step", released, _describe(chunks, self._known), imp, self._gather_steps), self.st)
-            _copy_blocks(self.runner.kv_caches, imp, self.st, m)
-            if self._gather_steps:
-                caches = self.runner.kv_caches
-                blocks = touched_blocks(chunks, caches[0].shape[2])
-                on_layer_done = _gathering(caches, blocks, self.st, m, on_layer_done)
-            return self.runner.execute(chunks, on_layer_done, keep_hidden)
+            with self._sending:
+                _broadcast(("step", released, _describe(chunks, self._known), imp, self._gather_steps), self.st)
+                self._last_message = time.monotonic()
+                _copy_blocks(self.runner.kv_caches, imp, self.st, m)
+                if self._gather_steps:
+                    caches = self.runner.kv_caches
+                    blocks = touched_blocks(chunks, caches[0].shape[2])
+                    on_layer_done = _gathering(caches, blocks, self.st, m, on_layer_done)
+                return self.runner.execute(chunks, on_layer_done, keep_hidden)
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or timed out
             if self.on_broken is not None:
                 first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # gloo adds advice
                 self.on_broken(f"the tensor-parallel group broke during a step ({first})")
             raise
 
+    def keep_alive(self, idle_s: float) -> None:
+        """After idle_s seconds without a message, send an empty one (the group's watcher calls this): the
+        followers wait for the next step under the group timeout, so an idle group would otherwise break,
+        and a follower that died while idle is found here. Raises RuntimeError when the group is broken."""
+        if not self._sending.acquire(blocking=False):
+            return  # a step is being announced or running: that is a message
+        try:
+            if not self._closed and time.monotonic() - self._last_message >= idle_s:
+                _broadcast((_IDLE, [], [], None, False), self.st)
+                self._last_message = time.monotonic()
+        finally:
+            self._sending.release()
+
     def close(self) -> None:
         """Tell the followers to exit (idempotent; a broken group is already gone)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            _broadcast((_STOP, [], [], None, False), self.st)
-        except RuntimeError as exc:
-            logger.warning("tensor-parallel group already broken at shutdown: %s", exc)
+        with self._sending:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                _broadcast((_STOP, [], [], None, False), self.st)
+            except RuntimeError as exc:
+                logger.warning("tensor-parallel group already broken at shutdown: %s", exc)
 
 
 def follower_loop(runner, st: ParallelState) -> None:
@@ -200,6 +222,8 @@ def follower_loop(runner, st: ParallelState) -> None:
         kind, released, described, imported, gather = _broadcast(None, st)
         if kind == _STOP:
             return
+        if kind == _IDLE:
+            continue
         _copy_blocks(runner.kv_caches, imported, st)
         for rid in released:
             tables.pop(rid, None)

@@ -4,7 +4,9 @@ and run the leader's steps (group_runner.follower_loop).
 
 A rank that dies takes the group down: the survivors' next collective fails, and a watcher thread on the
 leader notices a dead follower within a second even when idle, logs which rank and how it ended, and
-calls `on_rank_death` (`glmserve serve` exits, so its supervisor or pod restarts it). Followers exit
+calls `on_rank_death` (`glmserve serve` exits, so its supervisor or pod restarts it). The same thread
+sends an idle group an empty step every few seconds: the followers' wait for the next step stays inside
+the group timeout, and a rank on another node that died meanwhile fails that message. Followers exit
 when the leader goes (their collective fails; they are also daemon processes).
 """
 
@@ -29,6 +31,10 @@ from glmserve.engine.parallel.parallel_state import ParallelConfig, ParallelStat
 
 logger = logging.getLogger(__name__)
 _WATCH_INTERVAL_S = 0.5
+# An idle leader messages its followers this often (a quarter of the group timeout when that is shorter):
+# inside the timeout their wait for the next step runs under, and often enough that a follower on another
+# node that died while the group was idle is noticed within seconds (its closed connection fails the message).
+KEEPALIVE_S = 5.0
 
 
 def rank_device(device: torch.device, rank: int) -> str:
@@ -43,7 +49,7 @@ def _follower_main(rank: int, cfg: EngineConfig, addr: str, torch_threads: int |
 
     pcfg = ParallelConfig(cfg.tensor_parallel_size, cfg.enable_expert_parallel)
     try:
-        state = init_tensor_parallel(pcfg, rank, addr, torch.device(cfg.device))
+        state = init_tensor_parallel(pcfg, rank, addr, torch.device(cfg.device), cfg.dist_timeout_s)
         engine = LLMEngine(cfg)
         follower_loop(engine.runner, state)
     except Exception as exc:  # the leader went away (or never came): one line, no traceback
@@ -78,21 +84,29 @@ def check_shardable(cfg: EngineConfig) -> None:
         model_class(model_cfg.arch)(model_cfg, TorchAttentionBackend())
 
 
+def _first_dead(procs: list, first_rank: int) -> str | None:
+    """A line naming the first of these rank processes that has exited, if any."""
+    for rank, p in enumerate(procs, start=first_rank):
+        if not p.is_alive():
+            return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+    return None
+
+
 class RankGroup:
-    def __init__(self, procs: list, state: ParallelState, on_rank_death: Callable[[str], None] | None):
+    def __init__(self, procs: list, state: ParallelState, on_rank_death: Callable[[str], None] | None,
+                 keepalive_s: float = KEEPALIVE_S):
         self.procs = procs
+        self.keepalive_s = keepalive_s
         self.state = state
         self.on_rank_death = on_rank_death
         self.broken: str | None = None
         self._closing = False
+        self._runner = None  # the leader's runner, once attached: the watcher keeps the idle group alive
         self._watcher = threading.Thread(target=self._watch, name="tp-rank-watcher", daemon=True)
         self._watcher.start()
 
     def _dead_rank(self) -> str | None:
-        for rank, p in enumerate(self.procs, start=1):
-            if not p.is_alive():
-                return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-        return None
+        return _first_dead(self.procs, first_rank=1)
 
     def _fail(self, reason: str) -> None:
         if self.broken is not None or self._closing:
@@ -105,15 +119,24 @@ class RankGroup:
     def _watch(self) -> None:
         while not self._closing and self.broken is None:
             reason = self._dead_rank()
+            if reason is None and self._runner is not None:
+                try:
+                    self._runner.keep_alive(self.keepalive_s)
+                except RuntimeError as exc:
+                    first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]
+                    reason = self._dead_rank() or f"the tensor-parallel group broke while idle ({first})"
             if reason is not None:
                 self._fail(reason)
                 return
             self._watcher_sleep()
 
     def attach(self, runner) -> None:
-        """The leader's runner reports a step that failed because the group broke, like the watcher does."""
+        """The leader's runner reports a step that failed because the group broke, like the watcher does,
+        and from now on the watcher keeps the idle group alive through it."""
         if hasattr(runner, "on_broken"):
             runner.on_broken = self._broken_during_step
+        if hasattr(runner, "keep_alive"):
+            self._runner = runner
 
     def _broken_during_step(self, reason: str) -> None:
         # A local rank's death is the likelier and clearer cause: name it when there is one.
@@ -202,12 +225,13 @@ def start_rank_group(cfg: EngineConfig, torch_threads: int | None = None,
     leader_cfg = replace(cfg, device=rank_device(device, 0))
     pcfg = ParallelConfig(cfg.tensor_parallel_size, cfg.enable_expert_parallel)
     try:
-        state = init_tensor_parallel(pcfg, 0, addr, torch.device(leader_cfg.device))
+        state = init_tensor_parallel(pcfg, 0, addr, torch.device(leader_cfg.device), cfg.dist_timeout_s,
+                                     local_failure=lambda: _first_dead(procs, first_rank=1))
     except Exception:
         for p in procs:
             p.kill()
         raise
-    return leader_cfg, RankGroup(procs, state, on_rank_death)
+    return leader_cfg, RankGroup(procs, state, on_rank_death, keepalive_s=min(KEEPALIVE_S, cfg.dist_timeout_s / 4))
 
 
 def run_follower_node(cfg: EngineConfig, torch_threads: int | None = None) -> int:
