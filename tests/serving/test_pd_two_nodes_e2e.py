@@ -4,7 +4,7 @@ pods of a LeaderWorkerSet would be: `glmserve prefill|decode --tp 2 --nnodes 2 -
 split across the ranks, so the prefill leader gathers its follower's head over the group for the link and
 the decode leader hands the other head to its follower on the other node. Greedy tokens through the
 official `openai` client equal the single-process engine's; node 1 of a group leaves cleanly when its
-leader stops; a dead node 1 ends its leader with a clear line instead of a hang."""
+leader stops; a node 1 that dies while the group is idle ends its leader within seconds with a clear line."""
 
 from __future__ import annotations
 
@@ -80,16 +80,14 @@ def test_prefill_and_decode_groups_across_two_nodes(model_dir, reference):
             for prompt, want in zip(PROMPTS, reference):
                 assert _generate(router.base_url, prompt) == want, prefill.log[-2000:] + decode.log[-2000:]
 
-            # Node 1 of the decode group dies: its leader fails the next step and exits with a clear line.
+            # Node 1 of the decode group dies while the group is idle: the leader's next keep-alive message
+            # fails, and it exits with a clear line within seconds, without a request to notice it.
             _kill(d_node1)
-            with pytest.raises((openai.APIError, openai.APIConnectionError)):
-                client = openai.OpenAI(base_url=router.base_url + "/v1", api_key="none", max_retries=0, timeout=10)
-                client.completions.create(model="model", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
             deadline = time.monotonic() + 20
             while decode._proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert decode._proc.poll() not in (None, 0), "the decode leader kept running without node 1"
-            assert "tensor-parallel group broke during a step" in decode.log, decode.log[-3000:]
+            assert "the tensor-parallel group broke while idle" in decode.log, decode.log[-3000:]
             assert prefill._proc.poll() is None  # the other group is unaffected
         # The prefill leader stopped (SIGINT on leaving its block): its node 1 follows it out cleanly.
         assert p_node1.wait(30) == 0, p_node1.stdout.read()[-3000:]
