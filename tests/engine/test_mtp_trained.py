@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from glmserve import LLM, SamplingParams
 from glmserve.engine.tiny_model import build_tiny_model
@@ -93,3 +94,20 @@ def test_penalties_and_min_tokens_over_accepted_drafts_match_no_speculation(trai
     assert outs[0][:22] == cycle_window(cycle, 8, 22) and outs[0][22] != cycle[30]  # the penalty changed course
     stats = llm.engine.speculator.stats
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens, stats
+
+
+def test_verify_penalises_each_position_with_the_drafts_before_it(trained):
+    """The check above cannot see the drafts' own share of the history (the cycle never repeats a token
+    within a verify pass), so here the logits are set by hand: draft X is accepted at position 0, and at
+    position 1 X leads Y by less than the repetition penalty takes off once X is in the history."""
+    llm = LLM(str(trained), dtype="float32", show_progress=False,
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    eng = llm.engine
+    x, y = 10, 11
+    req = eng.add_request("r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=3.0,
+                                                         ignore_eos=True))
+    logits = torch.zeros(3, eng.model_config.vocab_size)
+    logits[:, x], logits[1:, y] = 5.0, 4.0  # 5 / 3 < 4: penalised once, X loses to Y
+    new_tokens, accepted = [[]], [0]
+    eng.speculator._verify_greedy([0], [(req, None, None, [x, x])], logits, [0], new_tokens, accepted)
+    assert [t.token_id for t in new_tokens[0]] == [x, y] and accepted == [1]
