@@ -357,9 +357,16 @@ class KVLinkServer:
                  connect_timeout_s: float = 60.0, observer: LinkObserver | None = None):
         td = datetime.timedelta(seconds=connect_timeout_s)
         # TCPStore alone listens on every interface; hand it a socket bound to `host` only (the --host flag).
-        self._sock = _listen(host, port)
-        self._store = dist.TCPStore(host, self._sock.getsockname()[1], None, True, td, wait_for_workers=False,
-                                    master_listen_fd=self._sock.fileno())
+        sock = _listen(host, port)
+        try:
+            self._store = dist.TCPStore(host, sock.getsockname()[1], None, True, td, wait_for_workers=False,
+                                        master_listen_fd=sock.fileno())
+        except BaseException:
+            sock.close()
+            raise
+        # The store owns the listening fd now and closes it when it goes. Python must not close it as well:
+        # by then the number may belong to another socket (seen as links failing with "Bad file descriptor").
+        sock.detach()
         self.host, self.port = host, self._store.port  # port 0 picks a free one
         self._kw = dict(device=device, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, observer=observer)
         self._token = secrets.token_hex(3)  # names stay unique across restarts of D on the same port
