@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -128,8 +128,9 @@ class KVRankGroup:
     from a TP prefill group's ranks)."""
 
     def __init__(self, local: RankKVEndpoint, size: int = 1, control_group=None,
-                 observer: LinkObserver | None = None):
+                 observer: LinkObserver | None = None, on_broken: Callable[[str], None] | None = None):
         self.local, self.size, self._group, self._observer = local, size, control_group, observer
+        self._on_broken = on_broken  # a rank is gone (the rounds run even when idle): the worker must end
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._ops: list[tuple[int, tuple, Future]] = []  # (rank, op, future of its result)
@@ -228,8 +229,12 @@ class KVRankGroup:
                     return
                 self._round(ops)
                 last = time.monotonic()
-        except Exception as exc:  # noqa: BLE001 - the group broke (a rank died): its watcher ends the worker
-            self._broken(f"KV control of the decode group broke: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        except Exception as exc:  # noqa: BLE001 - the group broke (a rank died)
+            first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # gloo adds advice
+            with self._cv:
+                busy = bool(self._transfers or self._remote_pending)
+            self._broken(f"the tensor-parallel group broke during a KV control round ({first})" if busy else
+                         f"the tensor-parallel group broke while idle (KV control round: {first})")
 
     def _round(self, ops: list[tuple[int, tuple, Future]]) -> None:
         per_rank: list[list[tuple]] = [[] for _ in range(self.size)]
@@ -260,15 +265,19 @@ class KVRankGroup:
                 del self._transfers[tid]
 
     def _broken(self, reason: str) -> None:
-        log.error("%s", reason)
         with self._cv:
             self.error = reason
+            closing = self._closed
             ops, self._ops = self._ops, []
             transfers, self._transfers = list(self._transfers.values()), {}
         for _, _, fut in ops:
             resolve_future(fut, exc=KVLinkError(reason))
         for t in transfers:
             resolve_future(t.future, exc=KVLinkError(reason))
+        if not closing:
+            log.error("%s", reason)
+            if self._on_broken is not None:
+                self._on_broken(reason)
 
 
 def follower_control(endpoint: RankKVEndpoint, group, events: "EventBuffer") -> None:

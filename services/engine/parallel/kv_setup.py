@@ -34,7 +34,12 @@ def start_decode_ranks(runner, local: RankKVEndpoint, setup: dict, observer: Lin
     if st is None or st.size == 1:
         return KVRankGroup(local, observer=observer)
     group = runner.kv_setup({"role": "decode", **setup}, then=lambda: dist.new_group(backend="gloo"))
-    return KVRankGroup(local, st.size, group, observer)
+
+    def broken(reason: str) -> None:  # as a failed step: the rank group ends the worker (rank_group.attach)
+        if runner.on_broken is not None:
+            runner.on_broken(reason)
+
+    return KVRankGroup(local, st.size, group, observer, on_broken=broken)
 
 
 def start_prefill_ranks(runner, setup: dict) -> None:
