@@ -80,14 +80,21 @@ class RankKVEndpoint:
             h.cancel()
 
     def finished(self) -> dict[int, str | None]:
-        """Transfers whose every link is done since the last call: None when all landed, else why not."""
+        """Transfers done since the last call: None when every link's KV landed, else why one failed (its
+        other links are cancelled first: nothing lands in the blocks once reported)."""
         out: dict[int, str | None] = {}
         with self._lock:
-            for tid, handles in list(self._handles.items()):
-                if all(h.future.done() for h in handles):
-                    del self._handles[tid]
-                    errors = [h.future.exception() for h in handles if h.future.cancelled() or h.future.exception()]
-                    out[tid] = str(errors[0]) if errors else None
+            items = list(self._handles.items())
+        for tid, handles in items:
+            bad = [h.future for h in handles if h.future.done() and (h.future.cancelled() or h.future.exception())]
+            if not bad and not all(h.future.done() for h in handles):
+                continue
+            for h in handles if bad else ():
+                h.cancel()  # before the entry goes: a concurrent cancel(tid) must not return earlier
+            with self._lock:
+                if self._handles.pop(tid, None) is None:
+                    continue  # cancelled meanwhile
+            out[tid] = None if not bad else ("cancelled" if bad[0].cancelled() else str(bad[0].exception()))
         return out
 
     @property
@@ -169,13 +176,17 @@ class KVRankGroup:
         return t, addresses
 
     def _local_done(self, t: GroupTransfer, f: Future, left: list[int]) -> None:
+        """A link into the leader's own cache is done (on that link's receiver thread)."""
         if f.cancelled() or f.exception() is not None:
             t.part_done(0, str(f.exception()) if not f.cancelled() else "cancelled")
-            return
-        t.bytes += f.result() or 0
-        left[0] -= 1
-        if left[0] == 0:
-            t.part_done(0, None)
+        else:
+            with self._cv:
+                t.bytes += f.result() or 0
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                t.part_done(0, None)
+        self.local.finished()  # forget what is over (the followers' endpoints do it at each round)
 
     def cancel(self, t: GroupTransfer) -> None:
         """Returns once no rank writes into the transfer's blocks (a broken group writes nothing more)."""
