@@ -5,6 +5,8 @@ link's tokens landed, and a cancel fails it at once."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -108,5 +110,28 @@ def test_a_cancel_fails_the_transfer_and_later_data_is_dropped(clients):
         rx = group.local.server.links()["p#p0>d0"]
         assert rx.bytes_dropped == rx.bytes_received > 0
         assert not any(c.any() for c in d)
+    finally:
+        group.close()
+
+
+def test_a_broken_link_fails_the_transfer_at_once_and_cancels_its_other_links(clients):
+    d = _cache(None)
+    group = KVRankGroup(_endpoint(0, d))
+    try:
+        t, addresses = group.expect({0: Expect(7, "p", [(0, 0, 1), (1, 1, 1)], [0, 1, 2], 10, LAYERS, 0)})
+        _send(clients[1], addresses[0][1], 7, _cache(4, heads=1), 0, 0, [0, 1, 2], 0, 4)  # link 1 is in use
+        sender = _send(clients[0], addresses[0][0], 7, _cache(5, heads=1), 0, 0, [0, 1, 2], 0, 4)
+        rx0 = group.local.server.links()["p#p0>d0"]
+        deadline = time.monotonic() + 30
+        while rx0.bytes_received == 0:  # joined and sending (a link closed before it joins fails later)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sender.close()  # prefill rank 0 goes away mid-transfer
+        with pytest.raises(KVTransferError, match="closed by the prefill side"):
+            t.future.result(20)
+        links = group.local.server.links()
+        assert links["p#p0>d0"].broken and not links["p#p1>d0"].broken
+        assert links["p#p1>d0"]._pending == {}  # the healthy link no longer writes into these blocks
+        assert group.local.num_pending == 0
     finally:
         group.close()
