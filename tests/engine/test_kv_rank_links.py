@@ -1,10 +1,12 @@
-"""KV links between TP ranks (engine/parallel/kv_plan.py, kv_ranks.py) in one process, on gloo: a decode
-rank fed by two prefill ranks (a head each: TP 2 -> 1) and one prefill rank feeding two decode ranks (TP 1 ->
+"""KV links between TP ranks (engine/parallel/kv_plan.py, kv_ranks.py) on gloo, the decode ranks in this
+process and the prefill ranks' link clients in a child process (as real workers; gloo links are not made
+for both ends in one process): a decode rank fed by two prefill ranks (a head each: TP 2 -> 1) and one prefill rank feeding two decode ranks (TP 1 ->
 2, the sender slicing its heads) land exactly the heads each rank holds; the transfer is done only when every
 link's tokens landed, and a cancel fails it at once."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 
 import pytest
@@ -34,48 +36,81 @@ def _tokens(caches, blocks, n):
     return torch.stack([c[blk, :, off] for c in caches])
 
 
-@pytest.fixture
-def clients():
-    """One link client per prefill rank (a process keeps one link per decode endpoint)."""
-    cs = [KVLinkClient(timeout_s=10, connect_timeout_s=20) for _ in range(2)]
-    yield cs
-    for c in cs:
-        c.close()
+def _p_agent(conn) -> None:
+    """The prefill side: one link client per prefill rank, caches rebuilt from their seeds."""
+    clients = [KVLinkClient(timeout_s=10, connect_timeout_s=20) for _ in range(2)]
+    senders = {}
+    while True:
+        cmd, *args = conn.recv()
+        try:
+            if cmd == "send":  # (rank, address, tid, seed, heads, first head, count, blocks, start, tokens)
+                rank, address, tid, seed, heads, head, n, blocks, start, count = args
+                senders[rank] = sender = clients[rank].sender(address)
+                for layer, cache in enumerate(_cache(seed, heads)):
+                    sender.send_layer(tid, layer, head_view(cache, head, n), blocks, start, count)
+                conn.send(None)
+            elif cmd == "finish":
+                conn.send(senders[args[0]].finish(args[1]).result(20))
+            elif cmd == "close":
+                senders[args[0]].close()
+                conn.send(None)
+            else:
+                return
+        except Exception as exc:  # noqa: BLE001 - shown by the test
+            conn.send(exc)
+
+
+class PSide:
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_p_agent, args=(child,), daemon=True)
+        self.proc.start()
+
+    def __call__(self, *cmd):
+        self.conn.send(cmd)
+        assert self.conn.poll(60), f"prefill agent did not answer {cmd[0]}"
+        out = self.conn.recv()
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+
+@pytest.fixture(scope="module")
+def p_side():
+    p = PSide()
+    yield p
+    p.conn.send(("stop",))
+    p.proc.join(10)
+    p.proc.kill()
 
 
 def _endpoint(rank: int, caches) -> RankKVEndpoint:
     return RankKVEndpoint(KVLinkServer("127.0.0.1", 0, timeout_s=10, connect_timeout_s=20), caches, rank, "127.0.0.1")
 
 
-def _send(client, address, tid, caches, head, n, blocks, start, count):
-    sender = client.sender(address)
-    for layer, cache in enumerate(caches):
-        sender.send_layer(tid, layer, head_view(cache, head, n), blocks, start, count)
-    return sender
-
-
-def test_two_prefill_ranks_feed_one_decode_rank_a_head_each(clients):
-    full = _cache(1)
-    p_ranks = [[c[:, :, :, r : r + 1].contiguous() for c in full] for r in range(2)]  # each holds one head
+def test_two_prefill_ranks_feed_one_decode_rank_a_head_each(p_side):
+    p_ranks = [_cache(10 + r, heads=1) for r in range(2)]  # prefill rank r holds KV head r
     d = _cache(None)
     group = KVRankGroup(_endpoint(0, d))
     try:
         p_blocks, d_blocks, n = [3, 4, 9, 10], [0, 7, 2, 5], 14
         tid = group.new_transfer_id()
         t, addresses = group.expect({0: Expect(tid, "p", [(0, 0, 1), (1, 1, 1)], d_blocks, n, LAYERS, 0)})
-        _send(clients[0], addresses[0][0], tid, p_ranks[0], 0, 0, p_blocks, 0, 9)
-        sender = _send(clients[1], addresses[0][1], tid, p_ranks[1], 0, 0, p_blocks, 0, n)
-        sender.finish(tid).result(20)
+        p_side("send", 0, addresses[0][0], tid, 10, 1, 0, 0, p_blocks, 0, 9)
+        p_side("send", 1, addresses[0][1], tid, 11, 1, 0, 0, p_blocks, 0, n)
+        p_side("finish", 1, tid)
         with pytest.raises(TimeoutError):  # rank 0's link still owes tokens 9..13
             t.future.result(0.5)
-        _send(clients[0], addresses[0][0], tid, p_ranks[0], 0, 0, p_blocks, 9, n - 9)
+        p_side("send", 0, addresses[0][0], tid, 10, 1, 0, 0, p_blocks, 9, n - 9)
         assert t.future.result(20) == n * LAYERS * 2 * HEADS * DIM * 4
-        assert torch.equal(_tokens(d, d_blocks, n), _tokens(full, p_blocks, n))
+        want = torch.cat([_tokens(p, p_blocks, n) for p in p_ranks], dim=3)
+        assert torch.equal(_tokens(d, d_blocks, n), want)
     finally:
         group.close()
 
 
-def test_one_prefill_rank_feeds_two_decode_ranks_their_heads(clients):
+def test_one_prefill_rank_feeds_two_decode_ranks_their_heads(p_side):
     full = _cache(2)
     d_ranks = [_cache(None, heads=1) for _ in range(2)]
     groups = [KVRankGroup(_endpoint(r, d_ranks[r])) for r in range(2)]
@@ -86,7 +121,7 @@ def test_one_prefill_rank_feeds_two_decode_ranks_their_heads(clients):
         for r, g in enumerate(groups):  # each decode rank's part (as the leader's rounds would register them)
             t, addresses = g.expect({0: Expect(tid, "p", [(0, 0, 1)], d_blocks, n, LAYERS, 4)})
             handles.append(t)
-            _send(clients[0], addresses[0][0], tid, full, r, 1, p_blocks, 4, n - 4)  # slices head r of P's cache
+            p_side("send", 0, addresses[0][0], tid, 2, HEADS, r, 1, p_blocks, 4, n - 4)  # head r of P's cache
         for r, t in enumerate(handles):
             t.future.result(20)
             got, want = _tokens(d_ranks[r], d_blocks, n), _tokens(full, p_blocks, n)[..., r : r + 1, :]
@@ -97,7 +132,7 @@ def test_one_prefill_rank_feeds_two_decode_ranks_their_heads(clients):
             g.close()
 
 
-def test_a_cancel_fails_the_transfer_and_later_data_is_dropped(clients):
+def test_a_cancel_fails_the_transfer_and_later_data_is_dropped(p_side):
     d = _cache(None)
     group = KVRankGroup(_endpoint(0, d))
     try:
@@ -105,8 +140,8 @@ def test_a_cancel_fails_the_transfer_and_later_data_is_dropped(clients):
         t.cancel()
         with pytest.raises(KVTransferError):
             t.future.result(5)
-        sender = _send(clients[0], addresses[0][0], 1, _cache(3), 0, 0, [0, 1], 0, 8)
-        sender.finish(1).result(20)
+        p_side("send", 0, addresses[0][0], 1, 3, HEADS, 0, 0, [0, 1], 0, 8)
+        p_side("finish", 0, 1)
         rx = group.local.server.links()["p#p0>d0"]
         assert rx.bytes_dropped == rx.bytes_received > 0
         assert not any(c.any() for c in d)
@@ -114,19 +149,19 @@ def test_a_cancel_fails_the_transfer_and_later_data_is_dropped(clients):
         group.close()
 
 
-def test_a_broken_link_fails_the_transfer_at_once_and_cancels_its_other_links(clients):
+def test_a_broken_link_fails_the_transfer_at_once_and_cancels_its_other_links(p_side):
     d = _cache(None)
     group = KVRankGroup(_endpoint(0, d))
     try:
         t, addresses = group.expect({0: Expect(7, "p", [(0, 0, 1), (1, 1, 1)], [0, 1, 2], 10, LAYERS, 0)})
-        _send(clients[1], addresses[0][1], 7, _cache(4, heads=1), 0, 0, [0, 1, 2], 0, 4)  # link 1 is in use
-        sender = _send(clients[0], addresses[0][0], 7, _cache(5, heads=1), 0, 0, [0, 1, 2], 0, 4)
+        p_side("send", 1, addresses[0][1], 7, 4, 1, 0, 0, [0, 1, 2], 0, 4)  # link 1 is in use
+        p_side("send", 0, addresses[0][0], 7, 5, 1, 0, 0, [0, 1, 2], 0, 4)
         rx0 = group.local.server.links()["p#p0>d0"]
         deadline = time.monotonic() + 30
         while rx0.bytes_received == 0:  # joined and sending (a link closed before it joins fails later)
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        sender.close()  # prefill rank 0 goes away mid-transfer
+        p_side("close", 0)  # prefill rank 0 goes away mid-transfer
         with pytest.raises(KVTransferError, match="closed by the prefill side"):
             t.future.result(20)
         links = group.local.server.links()
