@@ -10,6 +10,7 @@ import logging
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.kv_link import KVTransferError, LinkAddress, prometheus_observer
 from glmserve.engine.kv_sender import KVLinkClient
+from glmserve.engine.parallel.kv_plan import head_layout
 from glmserve.engine.parallel.kv_setup import start_prefill_ranks
 from glmserve.prefill.rank_links import RankLinkError, rank_transfer
 from glmserve.metrics import ServiceMetrics
@@ -69,6 +70,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             # Not retriable: a deployment whose roles disagree is misconfigured; say so at once, on every request.
             return _error(pb.ERROR_CODE_PREFILL_FAILED, "the decode worker drafts with MTP but this prefill worker "
                           "was started without it: give prefill workers the same --speculative-algorithm mtp", False)
+        if not request.kv_rank_links and head_layout(self.engine.model_config, self.tp) is not None:
+            # The single link would carry rank 0's heads only: the decode worker planned for another size.
+            return _error(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"this prefill worker's {self.tp} ranks split the KV "
+                          "heads: the decode worker must send kv_rank_links (it asks this worker's size again)", True)
         dst_cached = request.num_dst_cached_blocks * request.block_size
         if dst_cached >= len(request.token_ids):
             return _error(pb.ERROR_CODE_INVALID_REQUEST, f"the decode worker holds {dst_cached} of the "
