@@ -1,8 +1,8 @@
-"""KV links between TP ranks (engine/parallel/kv_plan.py, kv_ranks.py) on gloo, the decode ranks in this
-process and the prefill ranks' link clients in a child process (as real workers; gloo links are not made
-for both ends in one process): a decode rank fed by two prefill ranks (a head each: TP 2 -> 1) and one prefill rank feeding two decode ranks (TP 1 ->
-2, the sender slicing its heads) land exactly the heads each rank holds; the transfer is done only when every
-link's tokens landed, and a cancel fails it at once."""
+"""KV links between TP ranks (engine/parallel/kv_plan.py, kv_ranks.py) on gloo, the decode ranks in this process
+and the prefill ranks' link clients in a child process (as real workers; gloo links are not made for both ends
+in one process): a decode rank fed by two prefill ranks (a head each: TP 2 -> 1) and one prefill rank feeding
+two decode ranks (TP 1 -> 2, the sender slicing its heads) land exactly the heads each rank holds; the
+transfer is done only when every link's tokens landed; a cancel, or one broken link, fails it at once."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ class _Links:
 
 def _request(*links) -> pb.PrefillRequest:
     return pb.PrefillRequest(transfer_id=9, kv_rank_links=[
-        pb.KvRankLink(src_rank=r, src_head=h, num_heads=n, link=pb.KvLinkAddress(host="d", port=port, link_id=f"l{port}"))
+        pb.KvRankLink(src_rank=r, src_head=h, num_heads=n,
+                      link=pb.KvLinkAddress(host="d", port=port, link_id=f"l{port}"))
         for r, h, n, port in links])
 
 

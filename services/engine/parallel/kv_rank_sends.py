@@ -30,7 +30,8 @@ class RankSends:
             mine, req = links.get(self.rank), requests.get(rid)
             if not mine or req is None:
                 continue
-            targets = [(self.client.sender(LinkAddress(host, port, name)), head, n) for host, port, name, head, n in mine]
+            targets = [(self.client.sender(LinkAddress(host, port, name)), head, n)
+                       for host, port, name, head, n in mine]
             blocks = list(req.block_ids)
             if prefix is not None:
                 for layer in range(num_layers):
