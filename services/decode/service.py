@@ -190,11 +190,14 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         want_logprobs = request.sampling.HasField("logprobs")
         self._prefill_of[rid] = address
         done = False
+        stale = True  # a failure asks the prefill worker's size again (it may have restarted with another)
         try:
             resp = await self._prefill_stub(address).Prefill(preq, timeout=self.cfg.prefill_timeout)
             if resp.status.code != pb.ERROR_CODE_OK:
+                stale = resp.status.code == pb.ERROR_CODE_KV_TRANSFER_FAILED
                 raise RequestFailed(resp.status.code, f"prefill {address}: {resp.status.message}", resp.status.retriable)
             if resp.mrope_position_delta != mrope_delta:  # P laid the images out otherwise: its KV is not ours
+                stale = False
                 raise RequestFailed(pb.ERROR_CODE_INTERNAL, f"prefill {address} placed the images at M-RoPE offset "
                                     f"{resp.mrope_position_delta}, this worker at {mrope_delta}", False)
             await asyncio.wait_for(asyncio.wrap_future(handle.future), self.cfg.kv_timeout)
@@ -209,14 +212,24 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         except (KVTransferError, TimeoutError, asyncio.TimeoutError) as exc:
             raise RequestFailed(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"KV transfer from {address} failed: {exc!r}",
                                 True) from exc
+        except (asyncio.CancelledError, GeneratorExit):
+            stale = False  # the client left: nothing wrong with the prefill worker
+            raise
         finally:
             self._prefill_of.pop(rid, None)
-            self.connector.transfer_done(rid)
-            if not done:
-                self._prefill_tp.pop(address, None)  # ask its size again: it may have restarted otherwise
-                # Nothing more lands in these blocks once this returns (on every rank: a control round).
-                await asyncio.to_thread(handle.cancel) if preq.kv_rank_links else handle.cancel()
-                asyncio.ensure_future(self._cancel_prefill(address, rid))
+            try:
+                if not done:
+                    if stale:
+                        self._prefill_tp.pop(address, None)
+                    asyncio.ensure_future(self._cancel_prefill(address, rid))
+                    # Nothing more lands in these blocks once this returns. On a TP group that takes a control
+                    # round; the connector keeps the handle meanwhile, so freeing the blocks waits for it too.
+                    if preq.kv_rank_links:
+                        await asyncio.to_thread(handle.cancel)
+                    else:
+                        handle.cancel()
+            finally:
+                self.connector.transfer_done(rid)
 
     def _expect_ranks(self, rid: str, address: str, links, tid: int, blocks: list[int], num_tokens: int,
                       num_layers: int, local: int):
