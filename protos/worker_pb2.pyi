@@ -183,7 +183,7 @@ class TokenChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling", "kv_link", "dst_block_ids", "block_size", "num_dst_cached_blocks", "transfer_id", "mtp", "images")
+    __slots__ = ("request_id", "token_ids", "sampling", "kv_link", "dst_block_ids", "block_size", "num_dst_cached_blocks", "transfer_id", "mtp", "images", "kv_rank_links")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class PrefillRequest(_message.Message):
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     MTP_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    KV_RANK_LINKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingOptions
@@ -204,7 +205,8 @@ class PrefillRequest(_message.Message):
     transfer_id: int
     mtp: bool
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., kv_link: _Optional[_Union[KvLinkAddress, _Mapping]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_dst_cached_blocks: _Optional[int] = ..., transfer_id: _Optional[int] = ..., mtp: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ...) -> None: ...
+    kv_rank_links: _containers.RepeatedCompositeFieldContainer[KvRankLink]
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., kv_link: _Optional[_Union[KvLinkAddress, _Mapping]] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., num_dst_cached_blocks: _Optional[int] = ..., transfer_id: _Optional[int] = ..., mtp: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., kv_rank_links: _Optional[_Iterable[_Union[KvRankLink, _Mapping]]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("request_id", "first_token_id", "first_token_logprob", "cached_tokens", "kv_bytes_sent", "status", "mtp_hidden", "mrope_position_delta")
@@ -259,7 +261,7 @@ class LoadRequest(_message.Message):
     def __init__(self, kv_events_epoch: _Optional[int] = ..., kv_events_seq: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("role", "model_name", "max_model_len", "block_size", "queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "total_blocks", "prefix_cache_hit_rate", "state", "kv_events_epoch", "kv_events_seq", "kv_events_reset", "kv_stored_hashes", "kv_removed_hashes")
+    __slots__ = ("role", "model_name", "max_model_len", "block_size", "queued_tokens", "running_requests", "waiting_requests", "kv_usage", "free_blocks", "total_blocks", "prefix_cache_hit_rate", "state", "kv_events_epoch", "kv_events_seq", "kv_events_reset", "kv_stored_hashes", "kv_removed_hashes", "tensor_parallel_size")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +279,7 @@ class LoadReport(_message.Message):
     KV_EVENTS_RESET_FIELD_NUMBER: _ClassVar[int]
     KV_STORED_HASHES_FIELD_NUMBER: _ClassVar[int]
     KV_REMOVED_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     model_name: str
     max_model_len: int
@@ -294,7 +297,8 @@ class LoadReport(_message.Message):
     kv_events_reset: bool
     kv_stored_hashes: _containers.RepeatedScalarFieldContainer[int]
     kv_removed_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., state: _Optional[_Union[ServingState, str]] = ..., kv_events_epoch: _Optional[int] = ..., kv_events_seq: _Optional[int] = ..., kv_events_reset: _Optional[bool] = ..., kv_stored_hashes: _Optional[_Iterable[int]] = ..., kv_removed_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., model_name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_usage: _Optional[float] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., state: _Optional[_Union[ServingState, str]] = ..., kv_events_epoch: _Optional[int] = ..., kv_events_seq: _Optional[int] = ..., kv_events_reset: _Optional[bool] = ..., kv_stored_hashes: _Optional[_Iterable[int]] = ..., kv_removed_hashes: _Optional[_Iterable[int]] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class GrammarSpec(_message.Message):
     __slots__ = ("kind", "value", "start_after_token_id")
@@ -325,3 +329,15 @@ class ImageInput(_message.Message):
     grid_w: int
     content_hash: str
     def __init__(self, patches: _Optional[bytes] = ..., grid_t: _Optional[int] = ..., grid_h: _Optional[int] = ..., grid_w: _Optional[int] = ..., content_hash: _Optional[str] = ...) -> None: ...
+
+class KvRankLink(_message.Message):
+    __slots__ = ("src_rank", "link", "src_head", "num_heads")
+    SRC_RANK_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    SRC_HEAD_FIELD_NUMBER: _ClassVar[int]
+    NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
+    src_rank: int
+    link: KvLinkAddress
+    src_head: int
+    num_heads: int
+    def __init__(self, src_rank: _Optional[int] = ..., link: _Optional[_Union[KvLinkAddress, _Mapping]] = ..., src_head: _Optional[int] = ..., num_heads: _Optional[int] = ...) -> None: ...

@@ -25,6 +25,9 @@ from glmserve.engine.async_engine import AsyncEngine, KVAllocated
 from glmserve.engine.engine import EngineBusy, RequestError
 from glmserve.engine.kv_link import KVTransferError, prometheus_observer
 from glmserve.engine.kv_receiver import KVLinkServer
+from glmserve.engine.parallel.kv_plan import is_plain, rank_links
+from glmserve.engine.parallel.kv_ranks import Expect, RankKVEndpoint
+from glmserve.engine.parallel.kv_setup import start_decode_ranks
 from glmserve.metrics import ServiceMetrics
 from glmserve.protos import worker_pb2 as pb
 from glmserve.protos import worker_pb2_grpc as pb_grpc
@@ -57,15 +60,21 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.engine = async_engine.engine
         self.metrics = metrics
         self.lifecycle = lifecycle
-        self.link_server = KVLinkServer(cfg.host if cfg.host not in ("localhost",) else "127.0.0.1", cfg.kv_port,
+        link_host = cfg.host if cfg.host not in ("localhost",) else "127.0.0.1"
+        self.link_server = KVLinkServer(link_host, cfg.kv_port,
                                         kv_link_device(cfg.kv_transfer_backend, self.engine.device), timeout_s=cfg.kv_timeout,
                                         observer=prometheus_observer(metrics))
+        # TP (either group): every decode rank receives its own KV heads (engine/parallel/kv_ranks.py).
+        self.tp = cfg.engine.tensor_parallel_size
+        self.ranks = start_decode_ranks(
+            self.engine.runner, RankKVEndpoint(self.link_server, self.engine.runner.kv_caches, 0, cfg.advertise_host),
+            {"bind_host": link_host, "advertise_host": cfg.advertise_host, "backend": cfg.kv_transfer_backend,
+             "timeout_s": cfg.kv_timeout}, prometheus_observer(metrics))
+        self._prefill_tp: dict[str, int] = {}  # prefill address -> its group's size (its LoadReport)
         self.connector = DecodeKVConnector(async_engine.deliver)
         self.engine.scheduler.kv_connector = self.connector
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._prefill_of: dict[str, str] = {}  # request id -> prefill address, while prefilling
-        # What the KV link lands in: a TP leader's full-head mirror when its ranks split the KV heads.
-        self._link_caches = getattr(self.engine.runner, "link_kv_caches", self.engine.runner.kv_caches)
 
     def _prefill_stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
         ch = self._channels.get(address)
@@ -154,25 +163,41 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         P's must equal."""
         rid, address = request.request_id, request.prefill_address
         blocks, local = allocated.block_ids, allocated.num_local_cached_tokens
-        rx = self.link_server.receiver(address)
-        tid = rx.new_transfer_id()
         mtp = self.engine.speculator is not None  # P also sends the MTP layer's KV (one more layer)
         num_layers = self.engine.model_config.num_hidden_layers + mtp
-        handle = self.connector.start_transfer(
-            rid, lambda: rx.expect(tid, self._link_caches, blocks, len(prompt), num_layers, first_token=local))
-        want_logprobs = request.sampling.HasField("logprobs")
-        kv_link = pb.KvLinkAddress(host=self.cfg.advertise_host, port=self.link_server.port, link_id=rx.address.name)
+        links = rank_links(self.engine.model_config, await self._prefill_size(address), self.tp)
         block_size = self.engine.pool.block_size
-        preq = pb.PrefillRequest(request_id=rid, token_ids=prompt, sampling=request.sampling, kv_link=kv_link,
-                                 dst_block_ids=blocks, block_size=block_size, transfer_id=tid,
+        preq = pb.PrefillRequest(request_id=rid, token_ids=prompt, sampling=request.sampling,
+                                 dst_block_ids=blocks, block_size=block_size,
                                  num_dst_cached_blocks=local // block_size, mtp=mtp, images=request.images)
+        if is_plain(links):  # rank 0's whole cache to this one: the single-process link
+            rx = self.link_server.receiver(address)
+            tid = rx.new_transfer_id()
+            handle = self.connector.start_transfer(
+                rid, lambda: rx.expect(tid, self.engine.runner.kv_caches, blocks, len(prompt), num_layers,
+                                       first_token=local))
+            preq.kv_link.CopyFrom(pb.KvLinkAddress(host=self.cfg.advertise_host, port=self.link_server.port,
+                                                   link_id=rx.address.name))
+        else:
+            tid = self.ranks.new_transfer_id()
+            try:
+                handle, rank_pb = await asyncio.to_thread(self._expect_ranks, rid, address, links, tid, blocks,
+                                                          len(prompt), num_layers, local)
+            except KVTransferError as exc:
+                raise RequestFailed(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"KV links to this group: {exc}", True) from exc
+            preq.kv_rank_links.extend(rank_pb)
+        preq.transfer_id = tid
+        want_logprobs = request.sampling.HasField("logprobs")
         self._prefill_of[rid] = address
         done = False
+        stale = True  # a failure asks the prefill worker's size again (it may have restarted with another)
         try:
             resp = await self._prefill_stub(address).Prefill(preq, timeout=self.cfg.prefill_timeout)
             if resp.status.code != pb.ERROR_CODE_OK:
+                stale = resp.status.code == pb.ERROR_CODE_KV_TRANSFER_FAILED
                 raise RequestFailed(resp.status.code, f"prefill {address}: {resp.status.message}", resp.status.retriable)
             if resp.mrope_position_delta != mrope_delta:  # P laid the images out otherwise: its KV is not ours
+                stale = False
                 raise RequestFailed(pb.ERROR_CODE_INTERNAL, f"prefill {address} placed the images at M-RoPE offset "
                                     f"{resp.mrope_position_delta}, this worker at {mrope_delta}", False)
             await asyncio.wait_for(asyncio.wrap_future(handle.future), self.cfg.kv_timeout)
@@ -187,12 +212,67 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         except (KVTransferError, TimeoutError, asyncio.TimeoutError) as exc:
             raise RequestFailed(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"KV transfer from {address} failed: {exc!r}",
                                 True) from exc
+        except (asyncio.CancelledError, GeneratorExit):
+            stale = False  # the client left: nothing wrong with the prefill worker
+            raise
         finally:
             self._prefill_of.pop(rid, None)
-            self.connector.transfer_done(rid)
-            if not done:
-                handle.cancel()  # nothing more lands in these blocks once this returns
-                asyncio.ensure_future(self._cancel_prefill(address, rid))
+            try:
+                if not done:
+                    if stale:
+                        self._prefill_tp.pop(address, None)
+                    asyncio.ensure_future(self._cancel_prefill(address, rid))
+                    # Nothing more lands in these blocks once this returns. On a TP group that takes a control
+                    # round; the connector keeps the handle meanwhile, so freeing the blocks waits for it too.
+                    if preq.kv_rank_links:
+                        await asyncio.to_thread(handle.cancel)
+                    else:
+                        handle.cancel()
+            finally:
+                self.connector.transfer_done(rid)
+
+    def _expect_ranks(self, rid: str, address: str, links, tid: int, blocks: list[int], num_tokens: int,
+                      num_layers: int, local: int):
+        """Register the transfer on every decode rank (worker thread: a control round); returns the handle
+        and the PrefillRequest's links."""
+        expects: dict[int, Expect] = {}
+        for d in sorted({ln.dst_rank for ln in links}):
+            sources = [(ln.src_rank, ln.dst_head, ln.num_heads) for ln in links if ln.dst_rank == d]
+            expects[d] = Expect(tid, address, sources, list(blocks), num_tokens, num_layers, local)
+        addresses: dict = {}
+
+        def expect():
+            t, addresses_by_rank = self.ranks.expect(expects)
+            addresses.update(addresses_by_rank)
+            return t
+
+        handle = self.connector.start_transfer(rid, expect)
+        out = []
+        for d in expects:
+            mine = [ln for ln in links if ln.dst_rank == d]
+            for ln, addr in zip(mine, addresses[d]):
+                out.append(pb.KvRankLink(src_rank=ln.src_rank, src_head=ln.src_head, num_heads=ln.num_heads,
+                                         link=pb.KvLinkAddress(host=addr.host, port=addr.port, link_id=addr.name)))
+        return handle, out
+
+    async def _prefill_size(self, address: str) -> int:
+        """The prefill group's size, from its LoadReport (asked once per address; again after a failure).
+        The MLA latent is whole on every rank: the size does not matter then."""
+        if self.engine.model_config.is_mla:
+            return 1
+        size = self._prefill_tp.get(address)
+        if size is None:
+            try:
+                report = await self._prefill_stub(address).GetLoad(pb.LoadRequest(), timeout=self.cfg.prefill_timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise RequestFailed(pb.ERROR_CODE_PREFILL_FAILED, f"prefill worker {address}: {exc.code().name} "
+                                    f"{exc.details()}", True) from exc
+            size = self._prefill_tp[address] = max(1, report.tensor_parallel_size)
+        return size
+
+    def close(self) -> None:
+        """Stop the ranks' KV control and the link servers (before the group itself stops)."""
+        self.ranks.close()
 
     def _mtp_hidden(self, resp: pb.PrefillResponse, address: str):
         try:

@@ -132,12 +132,7 @@ class LLMEngine:
         # The prefill worker drew the first token from a generator of the same seed; replay that draw so
         # this one continues where it left off (same tokens as one process would give).
         req.replay_draws(1, self.model_config.vocab_size)
-        local = req.num_computed_tokens  # this worker's own cached prefix: every rank already holds it
         self.scheduler.remote_kv_arrived(req)
-        share = getattr(self.runner, "share_kv", None)  # a TP leader: its followers need the landed KV too
-        if share is not None:
-            bs = self.pool.block_size
-            share(list(req.block_ids[local // bs : -(-req.num_tokens // bs)]))
         req.append_token(first_token)
         # The prefill worker sampled the first token under the same grammar: catch the matcher up.
         self.structured.replay(request_id, [first_token.token_id])

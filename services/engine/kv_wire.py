@@ -115,6 +115,9 @@ def gather_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """A contiguous `[count, *token_shape]` copy of those tokens' KV (the cache may be reused after),
     written into `out` (any contiguous tensor of that many elements and the cache's dtype) when given."""
+    if not cache.is_contiguous():  # a rank's slice of the KV heads (TP links): index the view itself
+        picked = cache[blk, :, off]  # [count, 2, heads, D]: the advanced dims come first
+        return picked if out is None else out.view(picked.shape).copy_(picked)
     table, rows = _rows(cache, blk, off)
     if out is None:
         return table.index_select(0, rows).view(blk.numel(), *token_shape(cache))
@@ -123,6 +126,9 @@ def gather_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
 
 
 def scatter_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor, values: torch.Tensor) -> None:
+    if not cache.is_contiguous():  # a slice of the KV heads: write through the view
+        cache[blk, :, off] = values.reshape(blk.numel(), *token_shape(cache))
+        return
     table, rows = _rows(cache, blk, off)
     table.index_copy_(0, rows, values.reshape(rows.numel(), table.shape[1]))
 

@@ -10,6 +10,9 @@ import logging
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.kv_link import KVTransferError, LinkAddress, prometheus_observer
 from glmserve.engine.kv_sender import KVLinkClient
+from glmserve.engine.parallel.kv_plan import head_layout
+from glmserve.engine.parallel.kv_setup import start_prefill_ranks
+from glmserve.prefill.rank_links import RankLinkError, rank_transfer
 from glmserve.metrics import ServiceMetrics
 from glmserve.prefill.kv_streamer import KVStreamer, Transfer
 from glmserve.prefill.prompt_mtp import PromptMTP
@@ -42,10 +45,14 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         # prompt instead and sends that layer's KV and the last hidden state to D (prompt_mtp.py).
         self.mtp = self.engine.speculator is not None
         self.engine.speculator = None
-        link_caches = getattr(self.engine.runner, "link_kv_caches", self.engine.runner.kv_caches)  # TP: kv_mirror.py
-        self.streamer = KVStreamer(link_caches, PromptMTP(self.engine) if self.mtp else None)
+        self.streamer = KVStreamer(self.engine.runner.kv_caches, PromptMTP(self.engine) if self.mtp else None)
         self.engine.step_observer = self.streamer
         self.engine.scheduler.send_guard = self.streamer  # blocks stay until their KV is sent
+        # TP: every rank sends its own KV heads (engine/parallel/kv_setup.py); the step messages carry the plan.
+        self.tp = cfg.engine.tensor_parallel_size
+        start_prefill_ranks(self.engine.runner, {"backend": cfg.kv_transfer_backend, "timeout_s": cfg.kv_timeout})
+        if self.tp > 1:
+            self.engine.runner.rank_plan = self.streamer.take_rank_plan
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         if not self.lifecycle.accepting:
@@ -63,6 +70,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             # Not retriable: a deployment whose roles disagree is misconfigured; say so at once, on every request.
             return _error(pb.ERROR_CODE_PREFILL_FAILED, "the decode worker drafts with MTP but this prefill worker "
                           "was started without it: give prefill workers the same --speculative-algorithm mtp", False)
+        if not request.kv_rank_links and head_layout(self.engine.model_config, self.tp) is not None:
+            # The single link would carry rank 0's heads only: the decode worker planned for another size.
+            return _error(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"this prefill worker's {self.tp} ranks split the KV "
+                          "heads: the decode worker must send kv_rank_links (it asks this worker's size again)", True)
         dst_cached = request.num_dst_cached_blocks * request.block_size
         if dst_cached >= len(request.token_ids):
             return _error(pb.ERROR_CODE_INVALID_REQUEST, f"the decode worker holds {dst_cached} of the "
@@ -72,9 +83,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.lifecycle.begin()
         transfer = None
         try:
-            addr = LinkAddress(request.kv_link.host, request.kv_link.port, request.kv_link.link_id)
-            sender = await asyncio.to_thread(self.links.sender, addr)
-            transfer = Transfer(sender, request.transfer_id, sent_upto=dst_cached, mtp=request.mtp)
+            if request.kv_rank_links:  # TP: one link per (prefill rank, decode rank) with its heads
+                transfer = await asyncio.to_thread(rank_transfer, request, self.links, self.tp,
+                                                   self.engine.runner.kv_caches[0], dst_cached)
+            else:
+                addr = LinkAddress(request.kv_link.host, request.kv_link.port, request.kv_link.link_id)
+                sender = await asyncio.to_thread(self.links.sender, addr)
+                transfer = Transfer(sender, request.transfer_id, sent_upto=dst_cached, mtp=request.mtp)
             self.streamer.register(rid, transfer)
             first, num_cached = None, 0
             stream = self.async_engine.generate(rid, list(request.token_ids), params, eos, mm=mm)
@@ -85,8 +100,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                     num_cached = out.num_cached_tokens
             if first is None:
                 return _error(pb.ERROR_CODE_PREFILL_FAILED, "prefill produced no token", True)
-            sent = await asyncio.wait_for(asyncio.wrap_future(sender.finish(request.transfer_id)),
-                                          self.cfg.kv_timeout)
+            sent = 0
+            for sender, _, _ in transfer.links():  # each of this rank's links (followers' are not awaited)
+                sent += await asyncio.wait_for(asyncio.wrap_future(sender.finish(request.transfer_id)),
+                                               self.cfg.kv_timeout) or 0
             resp = pb.PrefillResponse(request_id=rid, first_token_id=first[0], cached_tokens=num_cached,
                                       kv_bytes_sent=int(sent or 0),
                                       mrope_position_delta=mm.delta if mm is not None else 0)
@@ -98,6 +115,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                 resp.mtp_hidden = hidden_to_bytes(transfer.last_hidden)
             transfer = None  # delivered
             return resp
+        except RankLinkError as exc:  # the decode worker planned for another layout of this group
+            return _error(pb.ERROR_CODE_KV_TRANSFER_FAILED, str(exc), True)
         except (KVTransferError, asyncio.TimeoutError, TimeoutError) as exc:
             return _error(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"KV transfer failed: {exc}", True)
         except ValueError as exc:  # refused by the engine (too long, bad ids)
@@ -105,7 +124,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         finally:
             self.streamer.unregister(rid)
             if transfer is not None:  # cancelled or failed midway: tell D to drop what is in flight
-                transfer.sender.cancel(transfer.transfer_id)
+                for sender, _, _ in transfer.links():
+                    sender.cancel(transfer.transfer_id)
             self.lifecycle.end()
 
     async def Cancel(self, request: pb.CancelRequest, context) -> pb.CancelResponse:

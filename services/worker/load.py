@@ -24,5 +24,6 @@ def load_report(engine: LLMEngine, cfg: WorkerConfig, lifecycle, request: pb.Loa
         prefix_cache_hit_rate=(s["prefix_cache_hits"] / queries) if queries else 0.0,
         kv_events_epoch=delta.epoch, kv_events_seq=delta.seq, kv_events_reset=delta.reset,
         kv_stored_hashes=delta.stored, kv_removed_hashes=delta.removed,
+        tensor_parallel_size=cfg.engine.tensor_parallel_size,
     )
 

@@ -45,20 +45,34 @@ def test_workers_take_tp_on_one_machine_and_across_nodes(command):
     assert (eng.tensor_parallel_size, eng.nnodes, eng.node_rank, eng.dist_init_addr) == (4, 2, 1, "h:1")
 
 
-def test_the_leader_keeps_a_full_head_mirror_only_when_the_ranks_split_the_kv_heads(tmp_path):
+def test_each_decode_rank_gets_each_of_its_kv_heads_from_exactly_one_prefill_rank(tmp_path):
     from glmserve.engine.loader import resolve_source
+    from glmserve.engine.parallel.kv_plan import RankLink, head_layout, is_plain, rank_links
     from glmserve.engine.tiny_model import build_tiny_model
-    from glmserve.worker.rank_group import kv_head_slices
 
-    def slices(model, tp):
-        return kv_head_slices(resolve_source(str(model), "auto")[0], tp)
+    gqa2 = resolve_source(str(build_tiny_model("glm4_moe", tmp_path / "gqa2")), "auto")[0]  # 6 q heads, 2 KV
+    assert head_layout(gqa2, 2) == [(0, 1), (1, 1)]
+    assert head_layout(gqa2, 6) == [(0, 1), (0, 1), (0, 1), (1, 1), (1, 1), (1, 1)]  # replicated
+    assert head_layout(gqa2, 1) is None
+    gqa1 = build_tiny_model("glm4_moe", tmp_path / "gqa1", overrides={"num_key_value_heads": 1})
+    assert head_layout(resolve_source(str(gqa1), "auto")[0], 2) is None
+    mla = resolve_source(str(build_tiny_model("glm4_moe_lite", tmp_path / "mla")), "auto")[0]
+    assert head_layout(mla, 2) is None  # the latent is whole
 
-    gqa2 = build_tiny_model("glm4_moe", tmp_path / "gqa2")  # 6 query heads, 2 KV heads
-    assert slices(gqa2, 2) == [(0, 1), (1, 1)]
-    assert slices(gqa2, 6) == [(0, 1), (0, 1), (0, 1), (1, 1), (1, 1), (1, 1)]  # replicated
-    assert slices(gqa2, 1) is None
-    assert slices(build_tiny_model("glm4_moe", tmp_path / "gqa1", overrides={"num_key_value_heads": 1}), 2) is None
-    assert slices(build_tiny_model("glm4_moe_lite", tmp_path / "mla"), 2) is None  # the latent is whole
+    assert is_plain(rank_links(gqa2, 1, 1)) and is_plain(rank_links(mla, 2, 1))
+    assert rank_links(gqa2, 2, 1) == [RankLink(0, 0, 0, 0, 1), RankLink(1, 0, 0, 1, 1)]  # one rank fed by two
+    assert rank_links(gqa2, 1, 2) == [RankLink(0, 0, 0, 0, 1), RankLink(0, 1, 1, 0, 1)]  # one rank feeds two
+    assert rank_links(gqa2, 2, 2) == [RankLink(0, 0, 0, 0, 1), RankLink(1, 1, 0, 0, 1)]
+    assert rank_links(mla, 2, 2) == [RankLink(0, 0), RankLink(0, 1)]  # rank 0's latent to every decode rank
+    for p, d in [(6, 2), (2, 6), (6, 6), (6, 1)]:  # replicated heads: every decode rank's heads, once each
+        got = rank_links(gqa2, p, d)
+        src, dst = head_layout(gqa2, p) or [(0, 2)], head_layout(gqa2, d) or [(0, 2)] * d
+        for rank, (first, count) in enumerate(dst):
+            heads = sorted(src[ln.src_rank][0] + ln.src_head + i for ln in got if ln.dst_rank == rank
+                           for i in range(ln.num_heads))
+            assert heads == list(range(first, first + count)), (p, d, rank, got)
+            assert [ln.dst_head for ln in got if ln.dst_rank == rank] == sorted({ln.dst_head for ln in got
+                                                                                  if ln.dst_rank == rank})
 
 
 def test_a_model_that_does_not_split_is_refused_before_any_rank_starts(tmp_path):

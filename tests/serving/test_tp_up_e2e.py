@@ -1,8 +1,8 @@
 """`glmserve up` with tensor-parallel prefill and decode workers (CPU, fp32, gloo), driven by the official
 `openai` client: greedy tokens equal the single-process engine's for prefill TP 2 -> decode TP 2 and
-prefill TP 2 -> decode TP 1 with MLA (the latent is whole on every rank: the KV link goes leader to
-leader and the decode leader copies what lands to its followers), and for GQA with the KV heads split
-across ranks (TP 2 -> 2, 2 -> 1, 1 -> 2: the leaders keep a full-head mirror for the link); repeated
+prefill TP 2 -> decode TP 1 with MLA (the latent is whole on every rank: prefill rank 0 sends it to every
+decode rank), and for GQA with the KV heads split across ranks (TP 2 -> 2, 2 -> 1, 1 -> 2: each prefill rank
+sends its heads straight to the decode ranks holding them; test_tp_kv_ranks_e2e.py counts the bytes); repeated
 prompts reuse decode's prefix cache; killing a decode worker's non-leader rank ends that worker, the others keep serving and
 the supervisor restarts it."""
 

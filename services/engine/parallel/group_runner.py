@@ -6,10 +6,10 @@ same chunks and run the same forward, so every collective inside the model pairs
 on every rank, but only the leader samples. Step inputs rows freed on the leader are freed on the
 followers with the next message.
 
-KV that reached the leader from outside the group (a prefill worker's, over the KV link) is copied to
-the followers with the next step message (`share_kv`). When the ranks split the GQA KV heads, the link
-reads and writes a full-head mirror on the leader instead (kv_mirror.py): prefill steps gather every
-layer's new blocks into it, and the decode leader's copy gives each rank its own heads.
+KV from outside the group (a prefill worker's, over the KV link) lands on every rank straight into its own
+cache, and prefill ranks send their own heads: each rank has its own KV link endpoints (kv_ranks.py,
+kv_rank_sends.py), which the leader sets up with one `kv_setup` message. A prefill leader adds to each
+step message what the followers send from that step (its KV streamer's plan).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import torch
 
-from glmserve.engine.parallel.kv_mirror import HEAD_DIM, KVMirror, gather_layer, own_heads, touched_blocks
 from glmserve.engine.parallel.parallel_state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -97,39 +96,6 @@ def _broadcast(msg: Any, st: ParallelState) -> Any:
     return box[0]
 
 
-def _copy_blocks(kv_caches, imported: tuple | None, st: ParallelState, mirror: KVMirror | None = None) -> None:
-    """The leader's rows of these blocks (from its mirror when it has one), every layer, into the same
-    blocks of every rank (one broadcast); with a mirror each rank keeps its own heads, the leader too.
-    imported: (block ids, each rank's (first head, count) or None, full head count)."""
-    if imported is None:
-        return
-    block_ids, slices, full_heads = imported
-    first = kv_caches[0]
-    idx = torch.as_tensor(block_ids, dtype=torch.int64, device=first.device)
-    if st.rank == 0:
-        rows = torch.stack([c.index_select(0, idx) for c in (mirror.caches if mirror is not None else kv_caches)])
-    else:
-        shape = list(first.shape[1:])
-        if slices is not None:
-            shape[HEAD_DIM - 1] = full_heads
-        rows = torch.empty((len(kv_caches), len(block_ids), *shape), dtype=first.dtype, device=first.device)
-    torch.distributed.broadcast(rows, src=0, group=st.group)
-    if st.rank != 0 or slices is not None:
-        for c, r in zip(kv_caches, own_heads(rows, slices, st.rank)):
-            c.index_copy_(0, idx, r)
-
-
-def _gathering(kv_caches, block_ids: list[int], st: ParallelState, mirror: KVMirror | None,
-               then: Callable[[int], None] | None) -> Callable[[int], None]:
-    """A per-layer hook that first gathers the layer's new blocks into the leader's mirror."""
-    def hook(layer: int) -> None:
-        gather_layer(kv_caches[layer], block_ids, st, mirror, layer)
-        if then is not None:
-            then(layer)
-
-    return hook
-
-
 class LeaderRunner:
     """The leader's ModelRunner: same interface, each step announced to the followers first."""
 
@@ -137,11 +103,10 @@ class LeaderRunner:
         self.runner = runner
         self.st = st
         self._released: list[str] = []
-        self._imported: list[int] = []  # blocks whose KV arrived from outside, not yet on the followers
-        self.mirror: KVMirror | None = None  # the whole KV heads, when the ranks split them (kv_mirror.py)
-        self._gather_steps = False  # prefill: every step's new KV goes into the mirror
         self._known: dict[str, int] = {}  # blocks of each live request the followers already have
         self._closed = False
+        # Prefill: what the followers send from the next step (KVStreamer.take_rank_plan), or None.
+        self.rank_plan: Callable[[], Any] | None = None
         # Called with a one-line reason when a step fails because the group broke (a rank died).
         self.on_broken: Callable[[str], None] | None = None
         # Steps, idle messages and the stop message are broadcast from different threads: one at a time.
@@ -157,32 +122,21 @@ class LeaderRunner:
             self._known.pop(rid, None)
         self.runner.release_rows(request_ids)
 
-    def keep_full_kv(self, mirror: KVMirror, gather_steps: bool) -> None:
-        self.mirror, self._gather_steps = mirror, gather_steps
-
-    @property
-    def link_kv_caches(self) -> list[torch.Tensor]:
-        """What the KV link sends from and lands in: the mirror, else this rank's cache (the whole KV)."""
-        return self.mirror.caches if self.mirror is not None else self.runner.kv_caches
-
-    def share_kv(self, block_ids: list[int]) -> None:
-        """These blocks' KV landed on the leader only: the followers get it before the next step runs."""
-        self._imported += block_ids
+    def kv_setup(self, setup: dict, then: Callable[[], Any] | None = None) -> Any:
+        """Have every follower start its KV link endpoint (kv_setup.py); `then` runs on this rank while the
+        channel is still held (the collectives both sides make right after)."""
+        with self._sending:
+            _broadcast(("kv_setup", [], [], setup), self.st)
+            self._last_message = time.monotonic()
+            return then() if then is not None else None
 
     def execute(self, chunks, on_layer_done: Callable[[int], None] | None = None, keep_hidden: bool = False):
         released, self._released = self._released, []
-        imported, self._imported = self._imported, []
-        m = self.mirror
-        imp = (imported, m.slices if m else None, m.caches[0].shape[HEAD_DIM] if m else 0) if imported else None
+        plan = self.rank_plan() if self.rank_plan is not None else None
         try:
             with self._sending:
-                _broadcast(("step", released, _describe(chunks, self._known), imp, self._gather_steps), self.st)
+                _broadcast(("step", released, _describe(chunks, self._known), plan), self.st)
                 self._last_message = time.monotonic()
-                _copy_blocks(self.runner.kv_caches, imp, self.st, m)
-                if self._gather_steps:
-                    caches = self.runner.kv_caches
-                    blocks = touched_blocks(chunks, caches[0].shape[2])
-                    on_layer_done = _gathering(caches, blocks, self.st, m, on_layer_done)
                 return self.runner.execute(chunks, on_layer_done, keep_hidden)
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or timed out
             if self.on_broken is not None:
@@ -198,7 +152,7 @@ class LeaderRunner:
             return  # a step is being announced or running: that is a message
         try:
             if not self._closed and time.monotonic() - self._last_message >= idle_s:
-                _broadcast((_IDLE, [], [], None, False), self.st)
+                _broadcast((_IDLE, [], [], None), self.st)
                 self._last_message = time.monotonic()
         finally:
             self._sending.release()
@@ -210,26 +164,39 @@ class LeaderRunner:
                 return
             self._closed = True
             try:
-                _broadcast((_STOP, [], [], None, False), self.st)
+                _broadcast((_STOP, [], [], None), self.st)
             except RuntimeError as exc:
                 logger.warning("tensor-parallel group already broken at shutdown: %s", exc)
 
 
-def follower_loop(runner, st: ParallelState) -> None:
+def follower_loop(runner, st: ParallelState, node: "FollowerNode | None" = None) -> None:
     """Run the leader's steps on this rank until it says stop (or the group breaks: raises)."""
+    from glmserve.engine.parallel.kv_setup import FollowerKV
+
     tables: dict[str, list[int]] = {}  # each live request's block table, grown by the leader's messages
-    while True:
-        kind, released, described, imported, gather = _broadcast(None, st)
-        if kind == _STOP:
-            return
-        if kind == _IDLE:
-            continue
-        _copy_blocks(runner.kv_caches, imported, st)
-        for rid in released:
-            tables.pop(rid, None)
-        runner.release_rows(released)
-        chunks = _rebuild(described, tables)
-        hook = None
-        if gather:
-            hook = _gathering(runner.kv_caches, touched_blocks(chunks, runner.kv_caches[0].shape[2]), st, None, None)
-        runner.execute(chunks, hook)
+    kv = FollowerKV(runner, st, node or FollowerNode())
+    try:
+        while True:
+            kind, released, described, extra = _broadcast(None, st)
+            if kind == _STOP:
+                return
+            if kind == _IDLE:
+                continue
+            if kind == "kv_setup":
+                kv.setup(extra)
+                continue
+            for rid in released:
+                tables.pop(rid, None)
+            runner.release_rows(released)
+            chunks = _rebuild(described, tables)
+            runner.execute(chunks, kv.before_step(extra, chunks))
+    finally:
+        kv.close()
+
+
+@dataclass(frozen=True)
+class FollowerNode:
+    """Where a follower runs: node 0 shares the leader's addresses; another node finds its own."""
+
+    node_rank: int = 0
+    init_addr: str = ""

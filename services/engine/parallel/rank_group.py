@@ -25,7 +25,7 @@ import torch
 from glmserve.engine.config import EngineConfig
 from glmserve.engine.dtypes import resolve_device
 from glmserve.engine.engine import LLMEngine
-from glmserve.engine.parallel.group_runner import follower_loop
+from glmserve.engine.parallel.group_runner import FollowerNode, follower_loop
 from glmserve.engine.parallel.distributed import init_tensor_parallel, shutdown_tensor_parallel
 from glmserve.engine.parallel.parallel_state import ParallelConfig, ParallelState, set_current, SINGLE
 
@@ -51,7 +51,7 @@ def _follower_main(rank: int, cfg: EngineConfig, addr: str, torch_threads: int |
     try:
         state = init_tensor_parallel(pcfg, rank, addr, torch.device(cfg.device), cfg.dist_timeout_s)
         engine = LLMEngine(cfg)
-        follower_loop(engine.runner, state)
+        follower_loop(engine.runner, state, FollowerNode(cfg.node_rank, addr))
     except Exception as exc:  # the leader went away (or never came): one line, no traceback
         logger.error("tensor-parallel rank %d stops: %s", rank, str(exc).splitlines()[0] if str(exc) else exc)
         raise SystemExit(1) from None
