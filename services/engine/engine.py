@@ -177,6 +177,9 @@ class LLMEngine:
             self.structured.apply(masks, result.logits, [c.request.request_id for c in result.sample_chunks])
         self.scheduler.advance_all(plan.chunks)
         rows = [c.request.sampling_row for c in result.sample_chunks]
+        plain_ids = Sampler.plain_greedy_ids(result.logits, rows) if rows else None
+        if plain_ids is not None:
+            return self._emit_plain(result.sample_chunks, plain_ids, outputs, grammars, after_sample, result.hidden)
         sampled = self.sampler(result.logits, rows) if rows else []
         if after_sample is not None:  # before any request finishes and frees its blocks
             after_sample(result.hidden, {c.request.request_id: t.token_id for c, t in zip(result.sample_chunks, sampled)})
@@ -197,6 +200,33 @@ class LLMEngine:
                 cached = req.num_cached_tokens
                 append(EngineOutput(req.request_id, [token.token_id], new_logprobs, False, None, None,
                                     req.num_prompt_tokens, cached if cached > 0 else 0))
+        return outputs
+
+    def _emit_plain(self, chunks, token_ids: list[int], outputs: list[EngineOutput], grammars: bool,
+                    after_sample, hidden) -> list[EngineOutput]:
+        """The rest of step() for a batch of plain greedy rows (no logprobs, penalties or constraints):
+        the same per-request effects as the general loop, on bare token ids. This loop runs for every
+        sequence every step, so the usual token skips check_stop through its precheck, inlined."""
+        if after_sample is not None:  # before any request finishes and frees its blocks
+            after_sample(hidden, {c.request.request_id: t for c, t in zip(chunks, token_ids)})
+        append = outputs.append
+        for chunk, token_id in zip(chunks, token_ids):
+            req = chunk.request
+            toks = req.token_ids
+            toks.append(token_id)  # append_token: plain rows keep no logprobs
+            if grammars:
+                self.structured.accept(req.request_id, token_id)
+            if len(toks) >= req.stop_check_len or token_id in req.stop_check_ids:
+                req.check_stop()
+                if req.status is RequestStatus.FINISHED:
+                    self.scheduler.finish(req)
+                    self.requests.pop(req.request_id, None)
+                    self.structured.remove(req.request_id)
+                    append(self._finished_output(req, [token_id]))
+                    continue
+            cached = req.num_cached_tokens
+            append(EngineOutput(req.request_id, [token_id], [], False, None, None, req.num_prompt_tokens,
+                                cached if cached > 0 else 0))
         return outputs
 
     def settle_plan(self, plan) -> list[EngineOutput]:

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from glmserve.engine.attention.backend import AttentionBackend, KVCacheSpec
@@ -23,7 +24,7 @@ from glmserve.engine.kv_cache import allocate_kv_caches, kv_cache_spec
 from glmserve.engine.mm_step import MultiModalStepBuilder
 from glmserve.engine.parallel import parallel_state
 from glmserve.engine.scheduler import ScheduledChunk
-from glmserve.engine.step_inputs import StepInputBuilder
+from glmserve.engine.step_inputs import StepInputBuilder, tensor_from_list
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class ModelRunner:
             if r.num_computed_tokens + n >= len(r.token_ids):  # c.completes_sequence, inlined (runs per sequence)
                 ends.append(end - 1)
                 sample_chunks.append(c)
-        rows = hidden[torch.tensor(ends, dtype=torch.int64, device=self.device)]
+        if len(ends) == hidden.shape[0]:  # every row samples (a decode step): no gather
+            rows = hidden
+        else:
+            rows = hidden.index_select(0, tensor_from_list(ends, np.int64, self.device))
         logits = self.model.compute_logits(rows) if ends else hidden.new_empty(0, self.model_cfg.vocab_size)
         return StepResult(logits.float(), sample_chunks, hidden if keep_hidden else None)

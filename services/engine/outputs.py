@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from glmserve.engine.sampled_token import SampledToken
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineOutput:
-    """New tokens of one request from one engine step."""
+    """New tokens of one request from one engine step (one per running request per step: slots make it
+    cheaper to build and keep it compact)."""
 
     request_id: str
     new_token_ids: list[int]

@@ -36,7 +36,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     request_id: str
     token_ids: list[int]  # prompt, then every generated token
@@ -63,10 +63,19 @@ class Request:
     _block_hashes: list[int] = field(default_factory=list)
     # The prompt's images and M-RoPE positions (multimodal models only).
     mm: MultiModalPrompt | None = None
+    # check_stop's precheck, set once from the settings: a new token can finish the request only if it
+    # is one of `stop_check_ids` or the sequence reaches `stop_check_len` tokens.
+    stop_check_ids: frozenset[int] = field(init=False)
+    stop_check_len: int = field(init=False)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.token_ids)
+        p = self.params
+        self.stop_check_ids = frozenset(p.stop_token_ids or ()).union(() if p.ignore_eos else self.eos_token_ids)
+        self.stop_check_len = self.max_model_len
+        if p.max_tokens is not None:
+            self.stop_check_len = min(self.max_model_len, self.num_prompt_tokens + p.max_tokens)
 
     def seed_generator(self, device: torch.device) -> None:
         """A seeded request samples from its own RNG, on the device the logits live on."""
@@ -119,10 +128,12 @@ class Request:
 
     def check_stop(self) -> None:
         """Finish on eos / stop token / max_tokens / context length, after a token was appended."""
-        p = self.params
         n_tokens = len(self.token_ids)  # runs per request per step: no property calls
-        n_out = n_tokens - self.num_prompt_tokens
         last = self.token_ids[-1]
+        if n_tokens < self.stop_check_len and last not in self.stop_check_ids:
+            return  # the usual token: nothing below can fire
+        p = self.params
+        n_out = n_tokens - self.num_prompt_tokens
         if n_out >= p.min_tokens:
             if not p.ignore_eos and last in self.eos_token_ids:
                 self.finish(FinishReason.STOP)

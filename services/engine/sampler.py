@@ -182,8 +182,9 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         logits = logits.float()
-        if all(r.plain for r in rows):  # the common batch: one argmax, no per-row work
-            return [SampledToken(t) for t in argmax_rows(logits).tolist()]
+        ids = self.plain_greedy_ids(logits, rows)
+        if ids is not None:
+            return [SampledToken(t) for t in ids]
         work = self.penalized_logits(logits, rows)
         token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -193,6 +194,15 @@ class Sampler:
         if rand:
             token_ids[rand] = self._sample(self._rows(work, rand), [rows[i] for i in rand])
         return self._package(logits, rows, token_ids)
+
+    @staticmethod
+    def plain_greedy_ids(logits: Tensor, rows: list[SamplingRow]) -> list[int] | None:
+        """The common batch, every row plain greedy: one argmax, the token ids with no per-row work (no
+        SampledToken objects, which carry nothing for such rows). None when any row needs more."""
+        for r in rows:
+            if not r.plain:
+                return None
+        return argmax_rows(logits.float()).tolist()
 
     def penalized_logits(self, logits: Tensor, rows: list[SamplingRow]) -> Tensor:
         """min_tokens masking, then penalties. Returns a new tensor when anything applies; never writes
