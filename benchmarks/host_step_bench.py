@@ -6,7 +6,9 @@ metadata, sampling, output processing), at 1 / 64 / 256 running sequences with 1
 How the model is stubbed: the engine is built from the built-in tiny model's config (1 layer, 1 KV head
 of 8 dims so 256 x 8k tokens of paged cache fit in ~140 MB) and a `LoadedModel` whose module is
 `StubModel` below. `StubModel.forward(input_ids, positions, ctx)` returns zeros [T, hidden] and
-`compute_logits(rows)` returns one fixed logits row (a non-EOS token wins greedy sampling) repeated; both
+`compute_logits(rows)` returns one fixed logits row (a non-EOS token wins greedy sampling) repeated, as a
+contiguous [rows, V] tensor like a real lm_head's (the sampler's argmax over a stride-0 view was ~1.7x
+slower, which no model would show); both
 record the seconds spent inside them. Its attention backend `NoAttention` plans nothing (prepare() is a
 no-op), so attention planning, which is the backend's business, is not counted. Everything else (LLMEngine.add_request / step, the scheduler, the
 block pool with prefix caching, ModelRunner.execute building its ForwardContext, the sampler) is the
@@ -77,7 +79,7 @@ class StubModel(nn.Module):
 
     def compute_logits(self, rows: torch.Tensor) -> torch.Tensor:
         t0, c0 = time.perf_counter(), time.thread_time()
-        out = self.logits.expand(rows.shape[0], -1)
+        out = self.logits.expand(rows.shape[0], -1).contiguous()  # a real lm_head's output is contiguous
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += time.thread_time() - c0
         return out

@@ -20,6 +20,7 @@ from glmserve.prefix_hash import extend_chain
 
 if TYPE_CHECKING:
     from glmserve.engine.mm_inputs import MultiModalPrompt
+    from glmserve.engine.scheduler import ScheduledChunk
 
 
 class RequestStatus(enum.Enum):
@@ -67,6 +68,9 @@ class Request:
     # is one of `stop_check_ids` or the sequence reaches `stop_check_len` tokens.
     stop_check_ids: frozenset[int] = field(init=False)
     stop_check_len: int = field(init=False)
+    # The scheduler's one-token chunk of this request, reused every decode step (scheduler.py); it points
+    # back here, so the scheduler drops it when the request leaves the running batch.
+    decode_chunk: ScheduledChunk | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

@@ -34,6 +34,9 @@ from glmserve.engine.request import FinishReason, Request, RequestStatus
 
 @dataclass(slots=True)
 class ScheduledChunk:
+    """Never changed once made: a decode step's one-token chunk of a request is the same object every
+    step (Request.decode_chunk), which spares an allocation per sequence per step."""
+
     request: Request
     num_new_tokens: int
 
@@ -120,6 +123,7 @@ class Scheduler:
         self._release(req)
 
     def _release(self, req: Request) -> None:
+        req.decode_chunk = None  # it points back at req: no cycle left behind
         if req.block_ids:
             sent = self.send_guard.blocks_released(req) if self.send_guard is not None else None
             if sent is None:
@@ -176,7 +180,13 @@ class Scheduler:
                 continue
             need = -(-(computed + num_new + lookahead) // bs) - len(req.block_ids)  # _blocks_needed, inlined
             if need <= 0:  # the usual decode step: room in the last block
-                chunks.append(ScheduledChunk(req, num_new))
+                if num_new == 1:
+                    chunk = req.decode_chunk
+                    if chunk is None:
+                        chunk = req.decode_chunk = ScheduledChunk(req, 1)
+                    chunks.append(chunk)
+                else:
+                    chunks.append(ScheduledChunk(req, num_new))
                 budget -= num_new
                 i += 1
                 continue
