@@ -74,6 +74,9 @@ class LLMEngine:
         self.speculator = MTPSpeculator(self, spec_k) if spec_k else None
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+        # How many of `requests` sample with anything but plain greedy (SamplingRow.plain): while none
+        # does, a step samples with one argmax without looking at each row.
+        self._num_not_plain = 0
         self.default_eos = frozenset(loaded.config.eos_token_ids)
         # Grammars (structured outputs): compiled grammars and one matcher per constrained request.
         self.structured = StructuredOutputManager(loaded.model_dir, loaded.config.vocab_size,
@@ -117,6 +120,8 @@ class LLMEngine:
         req.replay_draws(resumed, self.model_config.vocab_size)
         req.sampling_row = self._sampling_row(req)
         self.requests[request_id] = req
+        if not req.sampling_row.plain:
+            self._num_not_plain += 1
         self.scheduler.add(req)
         return req
 
@@ -139,14 +144,14 @@ class LLMEngine:
         req.check_stop()
         if req.is_finished:
             self.scheduler.finish(req)
-            self.requests.pop(request_id, None)
+            self._forget(request_id)
             self.structured.remove(request_id)
         elif self.speculator is not None and mtp_hidden is not None:
             self.speculator.draft_after_remote_prefill(req, mtp_hidden)
         return req
 
     def abort(self, request_id: str) -> bool:
-        req = self.requests.pop(request_id, None)
+        req = self._forget(request_id)
         self.structured.remove(request_id)
         if req is None:
             return False
@@ -176,6 +181,9 @@ class LLMEngine:
         if masks is not None:
             self.structured.apply(masks, result.logits, [c.request.request_id for c in result.sample_chunks])
         self.scheduler.advance_all(plan.chunks)
+        if not self._num_not_plain and result.sample_chunks:  # every row plain greedy: not one looked at
+            ids = Sampler.argmax_ids(result.logits)
+            return self._emit_plain(result.sample_chunks, ids, outputs, grammars, after_sample, result.hidden)
         rows = [c.request.sampling_row for c in result.sample_chunks]
         plain_ids = Sampler.plain_greedy_ids(result.logits, rows) if rows else None
         if plain_ids is not None:
@@ -193,7 +201,7 @@ class LLMEngine:
             new_logprobs = [token] if req.params.logprobs is not None else []
             if req.status is RequestStatus.FINISHED:
                 self.scheduler.finish(req)
-                self.requests.pop(req.request_id, None)
+                self._forget(req.request_id)
                 self.structured.remove(req.request_id)
                 append(self._finished_output(req, [token.token_id], new_logprobs))
             else:
@@ -220,7 +228,7 @@ class LLMEngine:
                 req.check_stop()
                 if req.status is RequestStatus.FINISHED:
                     self.scheduler.finish(req)
-                    self.requests.pop(req.request_id, None)
+                    self._forget(req.request_id)
                     self.structured.remove(req.request_id)
                     append(self._finished_output(req, [token_id]))
                     continue
@@ -229,12 +237,19 @@ class LLMEngine:
                                 cached if cached > 0 else 0))
         return outputs
 
+    def _forget(self, request_id: str) -> Request | None:
+        """Drop a request from `requests` (it finished or was aborted); returns it, or None if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.sampling_row.plain:
+            self._num_not_plain -= 1
+        return req
+
     def settle_plan(self, plan) -> list[EngineOutput]:
         """Before a step's forward: finish the requests the scheduler rejected and drop the step-input
         rows of those it released. Returns the rejected requests' final outputs."""
         outputs = [self._finished_output(r, []) for r in plan.rejected]
         for r in plan.rejected:
-            self.requests.pop(r.request_id, None)
+            self._forget(r.request_id)
             self.structured.remove(r.request_id)
         self.runner.release_rows(plan.released)
         return outputs

@@ -202,6 +202,11 @@ class Sampler:
         for r in rows:
             if not r.plain:
                 return None
+        return Sampler.argmax_ids(logits)
+
+    @staticmethod
+    def argmax_ids(logits: Tensor) -> list[int]:
+        """Greedy token ids of a batch whose rows are all plain (the caller knows)."""
         return argmax_rows(logits.float()).tolist()
 
     def penalized_logits(self, logits: Tensor, rows: list[SamplingRow]) -> Tensor:
