@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from glmserve.engine.scheduler import ScheduledChunk
 
 
+_NO_IDS: frozenset[int] = frozenset()
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     # Decode worker: blocks allocated, the prompt's KV is on its way from a prefill worker (vLLM's name).
@@ -76,7 +79,8 @@ class Request:
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.token_ids)
         p = self.params
-        self.stop_check_ids = frozenset(p.stop_token_ids or ()).union(() if p.ignore_eos else self.eos_token_ids)
+        eos = _NO_IDS if p.ignore_eos else frozenset(self.eos_token_ids)  # the caller's set itself, no copy
+        self.stop_check_ids = eos.union(p.stop_token_ids) if p.stop_token_ids else eos
         self.stop_check_len = self.max_model_len
         if p.max_tokens is not None:
             self.stop_check_len = min(self.max_model_len, self.num_prompt_tokens + p.max_tokens)
