@@ -136,17 +136,30 @@ class ModelRunner:
                 hidden = self.model(input_ids, positions, ctx, image_embeds=image_embeds, image_rows=image_rows)
             else:
                 hidden = self.model(input_ids, ctx.positions, ctx)
+        sample_chunks, ends = self._sample_rows(chunks, hidden.shape[0])
+        if ends is None:  # every row samples (a decode step): no gather
+            rows = hidden
+        else:
+            rows = hidden.index_select(0, tensor_from_list(ends, np.int64, self.device))
+        logits = (self.model.compute_logits(rows) if sample_chunks
+                  else hidden.new_empty(0, self.model_cfg.vocab_size))
+        return StepResult(logits.float(), sample_chunks, hidden if keep_hidden else None)
+
+    @staticmethod
+    def _sample_rows(chunks: list[ScheduledChunk], num_rows: int) -> tuple[list[ScheduledChunk], list[int] | None]:
+        """The chunks that complete their sequence (c.completes_sequence, inlined: this runs per sequence
+        every step) and their last rows of the step's hidden states; None for the rows when every row
+        samples (one token per chunk, each the last of its sequence)."""
+        if num_rows == len(chunks):  # one token per chunk
+            sample_chunks = [c for c in chunks if c.request.num_computed_tokens + 1 >= len(c.request.token_ids)]
+            if len(sample_chunks) == num_rows:
+                return sample_chunks, None
         ends, sample_chunks, end = [], [], 0
         for c in chunks:
             n = c.num_new_tokens
             end += n
             r = c.request
-            if r.num_computed_tokens + n >= len(r.token_ids):  # c.completes_sequence, inlined (runs per sequence)
+            if r.num_computed_tokens + n >= len(r.token_ids):
                 ends.append(end - 1)
                 sample_chunks.append(c)
-        if len(ends) == hidden.shape[0]:  # every row samples (a decode step): no gather
-            rows = hidden
-        else:
-            rows = hidden.index_select(0, tensor_from_list(ends, np.int64, self.device))
-        logits = self.model.compute_logits(rows) if ends else hidden.new_empty(0, self.model_cfg.vocab_size)
-        return StepResult(logits.float(), sample_chunks, hidden if keep_hidden else None)
+        return sample_chunks, ends

@@ -66,7 +66,6 @@ class StepInputBuilder:
         rows: list[int] = []
         starts: list[int] = []
         query_lens: list[int] = []
-        seq_lens: list[int] = []
         changed: list[int] = []  # batch indices whose table row gained blocks
         width = 1
         known, row_of, table = self._known, self._row_of, self.table
@@ -95,12 +94,12 @@ class StepInputBuilder:
             rows.append(row)
             starts.append(start)
             query_lens.append(n)
-            seq_lens.append(start + n)
         block_tables = self._block_tables(rows, width, changed)
         lens = np.array(query_lens, dtype=np.int64)
         qsl = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum(lens, out=qsl[1:])
         starts_np = np.array(starts, dtype=np.int64)
+        seq_lens_np = starts_np + lens
         if len(ids) == len(chunks):  # decode only: one token per sequence
             positions, seq_index = starts_np, np.arange(len(chunks))
         else:
@@ -111,10 +110,10 @@ class StepInputBuilder:
         ctx = ForwardContext(
             positions=torch.from_numpy(positions).to(dev),
             query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            seq_lens=tensor_from_list(seq_lens, np.int32, dev),
+            seq_lens=torch.from_numpy(seq_lens_np.astype(np.int32)).to(dev),
             block_tables=torch.from_numpy(block_tables).to(dev),
             slot_mapping=torch.from_numpy(slots).to(dev), block_size=bs, kv_caches=kv_caches,
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, on_layer_done=on_layer_done)
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens_np.tolist(), on_layer_done=on_layer_done)
         return tensor_from_list(ids, np.int64, dev), ctx
 
     def _block_tables(self, rows: list[int], width: int, changed: list[int]) -> np.ndarray:
