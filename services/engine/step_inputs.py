@@ -66,7 +66,7 @@ class StepInputBuilder:
         rows: list[int] = []
         starts: list[int] = []
         query_lens: list[int] = []
-        changed: list[int] = []  # batch indices whose table row gained blocks
+        changed: list[tuple[int, int, int]] = []  # (batch index, first new block, blocks) of rows that grew
         width = 1
         known, row_of, table = self._known, self._row_of, self.table
         for c in chunks:
@@ -80,9 +80,12 @@ class StepInputBuilder:
             nb = len(blocks)
             k = known[row]
             if nb > k:
-                table[row, k:nb] = blocks[k:]
+                if nb == k + 1:  # the usual case: one new block (a scalar store is ~5x cheaper than a slice)
+                    table[row, k] = blocks[k]
+                else:
+                    table[row, k:nb] = blocks[k:]
                 known[row] = nb
-                changed.append(len(rows))
+                changed.append((len(rows), k, nb))
             if nb * bs < start + n:
                 raise ValueError(f"sequence needs {-(-(start + n) // bs)} blocks for {start + n} tokens, has {nb}")
             if nb > width:
@@ -116,14 +119,17 @@ class StepInputBuilder:
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens_np.tolist(), on_layer_done=on_layer_done)
         return tensor_from_list(ids, np.int64, dev), ctx
 
-    def _block_tables(self, rows: list[int], width: int, changed: list[int]) -> np.ndarray:
+    def _block_tables(self, rows: list[int], width: int, changed: list[tuple[int, int, int]]) -> np.ndarray:
         """table[rows, :width] (valid for this step: the next build may write into it). A gather of
-        every row costs O(batch x context); reusing the last step's copies only the changed rows."""
+        every row costs O(batch x context); reusing the last step's copies only the new blocks."""
         bt = self._bt
         if bt is not None and bt.shape[1] == width and rows == self._bt_rows:
             table = self.table
-            for i in changed:
-                bt[i] = table[rows[i], :width]
+            for i, k, nb in changed:
+                if nb == k + 1:
+                    bt[i, k] = table[rows[i], k]
+                else:
+                    bt[i, k:nb] = table[rows[i], k:nb]
             return bt
         bt = self._bt = self.table[np.array(rows, dtype=np.int64), :width]
         self._bt_rows = rows
