@@ -162,13 +162,14 @@ class Scheduler:
         chunk_cap = self.cfg.chunked_prefill_size
 
         # 1. Running requests, oldest first. (Per-request work here runs for every sequence every step:
-        # plain comparisons instead of min() and properties.)
-        i = 0
+        # plain comparisons instead of min() and properties.) Preemption removes requests from the tail
+        # of `running`, which ends this loop where the list now ends.
         running = self.running
         bs, lookahead = self.block_size, self.num_lookahead_tokens
         chunks = out.chunks
-        while i < len(running) and budget > 0:
-            req = running[i]
+        for req in running:
+            if budget <= 0:
+                break
             computed = req.num_computed_tokens
             num_new = len(req.token_ids) - computed
             if num_new > chunk_cap:
@@ -176,7 +177,6 @@ class Scheduler:
             if num_new > budget:
                 num_new = budget
             if num_new <= 0:
-                i += 1
                 continue
             need = -(-(computed + num_new + lookahead) // bs) - len(req.block_ids)  # _blocks_needed, inlined
             if need <= 0:  # the usual decode step: room in the last block
@@ -188,10 +188,9 @@ class Scheduler:
                 else:
                     chunks.append(ScheduledChunk(req, num_new))
                 budget -= num_new
-                i += 1
                 continue
             while need > self.pool.num_free:
-                victim = self.running[-1]
+                victim = running[-1]
                 self._preempt(victim, out)
                 if victim is req:
                     break
@@ -200,7 +199,6 @@ class Scheduler:
             req.block_ids += self.pool.allocate(need)
             chunks.append(ScheduledChunk(req, num_new))
             budget -= num_new
-            i += 1
 
         # 2. Waiting requests, FIFO; none while this step had to preempt (memory is tight).
         while self.waiting and budget > 0 and self.num_seqs < self.cfg.max_num_seqs and not out.preempted:
