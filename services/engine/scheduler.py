@@ -84,6 +84,10 @@ class Scheduler:
 
     # -- queue management ---------------------------------------------------------------------
     def add(self, req: Request) -> None:
+        # Objects every decode step touches (the request's lists, its decode chunk) are made now, next to
+        # the request, not at its first scheduling amid other requests' prefill allocations (block
+        # hashes): at 8k-token contexts that scattered them over ~200 MB and cost TLB and cache misses.
+        req.decode_chunk = ScheduledChunk(req, 1)
         self.waiting.append(req)
 
     def remote_kv_arrived(self, req: Request) -> None:
@@ -206,6 +210,7 @@ class Scheduler:
             if not self._fits_ever(req):
                 self.waiting.popleft()
                 req.finish(FinishReason.LENGTH)
+                req.decode_chunk = None  # it points back at req: no cycle left behind
                 out.rejected.append(req)
                 continue
             hits = self._reuse_prefix(req)
@@ -248,7 +253,7 @@ class Scheduler:
         hashes = req.block_hashes(self.block_size)
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits = self.pool.match_prefix(hashes, max_blocks)
-        req.block_ids = hits
+        req.block_ids += hits  # into the list made with the request (empty here): see add()
         req.num_computed_tokens = len(hits) * self.block_size
         req.num_registered_blocks = len(hits)  # cached blocks are published already
         if req.num_cached_tokens < 0:
