@@ -274,8 +274,12 @@ class Scheduler:
         bs = self.block_size
         for chunk in chunks:
             req = chunk.request
-            req.num_computed_tokens += chunk.num_new_tokens
-            if req.num_computed_tokens // bs > req.num_registered_blocks:  # a block just filled
+            n = chunk.num_new_tokens
+            computed = req.num_computed_tokens = req.num_computed_tokens + n
+            # Only a chunk that reaches a block boundary can fill a block (num_registered_blocks keeps up with
+            # every advance), so the usual decode step does not read it: past 256 blocks that int is an object
+            # of its own, one more scattered memory read per sequence.
+            if computed % bs < n and computed // bs > req.num_registered_blocks:
                 self._register_full_blocks(req)
 
     def _register_full_blocks(self, req: Request) -> None:

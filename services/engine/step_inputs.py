@@ -11,6 +11,7 @@ same rows as the last one (steady decoding), only the rows that gained a block a
 
 from __future__ import annotations
 
+from array import array
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,9 @@ class StepInputBuilder:
         self.device = device
         self.table = np.zeros((_INITIAL_ROWS, max_blocks_per_seq), dtype=np.int32)
         self._row_of: dict[str, int] = {}
-        self._known = [0] * _INITIAL_ROWS  # blocks of each row already written
+        # Blocks of each row already written. An array, not a list: read per sequence every step, its values
+        # (past 256: int objects of their own, made when a block filled) would be scattered memory reads.
+        self._known = array("q", bytes(8 * _INITIAL_ROWS))
         self._free_rows = list(range(_INITIAL_ROWS - 1, -1, -1))
         # The last step's block tables: table rows `_bt_rows`, in that order, first bt.shape[1] columns.
         self._bt: np.ndarray | None = None
@@ -55,7 +58,7 @@ class StepInputBuilder:
     def _grow(self) -> None:
         old = self.table.shape[0]
         self.table = np.concatenate([self.table, np.zeros_like(self.table)])
-        self._known += [0] * old
+        self._known += array("q", bytes(8 * old))
         self._free_rows += range(2 * old - 1, old - 1, -1)
 
     def build(self, chunks, kv_caches: list[torch.Tensor],
