@@ -71,8 +71,8 @@ class Request:
     # is one of `stop_check_ids` or the sequence reaches `stop_check_len` tokens.
     stop_check_ids: frozenset[int] = field(init=False)
     stop_check_len: int = field(init=False)
-    # The scheduler's one-token chunk of this request, reused every decode step (scheduler.py); it points
-    # back here, so the scheduler drops it when the request leaves the running batch.
+    # The scheduler's one-token chunk of this request, made when it is queued and reused every decode step
+    # (scheduler.py); it points back here, so the scheduler drops it when the request gives its blocks back.
     decode_chunk: ScheduledChunk | None = None
 
     def __post_init__(self) -> None:
