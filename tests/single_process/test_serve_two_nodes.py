@@ -81,7 +81,9 @@ def test_node0_exits_with_a_clear_line_when_node1_dies(model_dir):
                 time.sleep(0.1)
             assert server._proc.poll() not in (None, 0), "node 0 kept serving without node 1"
             time.sleep(0.3)
-            assert "tensor-parallel group broke during a step" in server.log, server.log[-2000:]
+            # the request's step finds it, or the idle keep-alive if that goes first on a slow machine
+            assert ("tensor-parallel group broke during a step" in server.log
+                    or "tensor-parallel group broke while idle" in server.log), server.log[-2000:]
     finally:
         if node1.poll() is None:
             os.killpg(node1.pid, signal.SIGKILL)
