@@ -17,8 +17,8 @@ import time
 import openai
 import pytest
 
-from glmserve import LLM, SamplingParams
 from glmserve.engine.tiny_model import build_tiny_model
+from tests.engine_greedy import engine_greedy
 from glmserve.local_ports import free_ports
 from tests.serving.serve_process import ServeProcess
 
@@ -35,9 +35,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    llm = LLM(str(model_dir), dtype="float32", show_progress=False)
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+    return engine_greedy(model_dir, PROMPTS, MAX_TOKENS)
 
 
 def _group_args(model_dir, node_rank: int, store_port: int) -> list[str]:

@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
-from glmserve import LLM, SamplingParams
 from glmserve.engine.loader import resolve_source
 from glmserve.engine.tiny_model import build_tiny_model
+from tests.engine_greedy import engine_greedy
 from tests.serving.deployment import Deployment
 from tests.serving.test_decode_admission_e2e import wait_all_blocks_free, worker_urls
 
@@ -34,9 +34,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    llm = LLM(str(model_dir), dtype="float32", show_progress=False)
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+    return engine_greedy(model_dir, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from glmserve import LLM, SamplingParams
 from glmserve.engine.tiny_model import build_tiny_model
+from tests.engine_greedy import engine_greedy
 from tests.serving.deployment import Deployment, pid_alive
 
 # The second prompt shares the first's first 16 tokens (whole blocks): decode reuses them the second time.
@@ -34,9 +34,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    llm = LLM(str(model_dir), dtype="float32", show_progress=False)
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+    return engine_greedy(model_dir, PROMPTS, MAX_TOKENS)
 
 
 def _generate(dep: Deployment, prompt: list[int]) -> list[int]:
@@ -90,9 +88,7 @@ def gqa_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gqa_reference(gqa_model_dir):
-    llm = LLM(str(gqa_model_dir), dtype="float32", show_progress=False)
-    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)]
+    return engine_greedy(gqa_model_dir, PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 2), (2, 1), (1, 2)])

@@ -14,8 +14,8 @@ import time
 import openai
 import pytest
 
-from glmserve import LLM, SamplingParams
 from glmserve.engine.tiny_model import build_tiny_model
+from tests.engine_greedy import engine_greedy
 from glmserve.local_ports import free_ports
 from tests.serving.serve_process import ServeProcess
 
@@ -41,9 +41,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def want(model_dir):
-    llm = LLM(str(model_dir), dtype="float32", show_progress=False)
-    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    return llm.generate([{"prompt_token_ids": PROMPT}], greedy)[0].outputs[0].token_ids
+    return engine_greedy(model_dir, [PROMPT], 10)[0]
 
 
 def _complete(server: ServeProcess):
