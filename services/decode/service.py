@@ -235,10 +235,11 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                       num_layers: int, local: int):
         """Register the transfer on every decode rank (worker thread: a control round); returns the handle
         and the PrefillRequest's links."""
-        expects: dict[int, Expect] = {}
-        for d in sorted({ln.dst_rank for ln in links}):
-            sources = [(ln.src_rank, ln.dst_head, ln.num_heads) for ln in links if ln.dst_rank == d]
-            expects[d] = Expect(tid, address, sources, list(blocks), num_tokens, num_layers, local)
+        by_dst: dict[int, list] = {}
+        for ln in links:
+            by_dst.setdefault(ln.dst_rank, []).append(ln)
+        expects = {d: Expect(tid, address, [(ln.src_rank, ln.dst_head, ln.num_heads) for ln in mine], list(blocks),
+                             num_tokens, num_layers, local) for d, mine in sorted(by_dst.items())}
         addresses: dict = {}
 
         def expect():
@@ -249,8 +250,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         handle = self.connector.start_transfer(rid, expect)
         out = []
         for d in expects:
-            mine = [ln for ln in links if ln.dst_rank == d]
-            for ln, addr in zip(mine, addresses[d]):
+            for ln, addr in zip(by_dst[d], addresses[d]):
                 out.append(pb.KvRankLink(src_rank=ln.src_rank, src_head=ln.src_head, num_heads=ln.num_heads,
                                          link=pb.KvLinkAddress(host=addr.host, port=addr.port, link_id=addr.name)))
         return handle, out

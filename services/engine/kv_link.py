@@ -242,3 +242,12 @@ def client_store(address: LinkAddress, connect_timeout_s: float) -> dist.TCPStor
     # One store connection per link: TCPStore serialises a client's calls, and link setup blocks in get().
     td = datetime.timedelta(seconds=connect_timeout_s)
     return dist.TCPStore(connect_host(address.host), address.port, None, False, td)
+
+
+def kv_link_device(kv_transfer_backend: str, engine_device) -> torch.device:
+    """Where a link's buffers live: the engine's device for NCCL (and auto), the host for gloo."""
+    if kv_transfer_backend == "gloo":
+        return torch.device("cpu")
+    if kv_transfer_backend == "nccl" and torch.device(engine_device).type != "cuda":
+        raise ValueError("--kv-transfer-backend nccl needs the model on CUDA")
+    return torch.device(engine_device)

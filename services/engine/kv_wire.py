@@ -107,7 +107,10 @@ def _rows(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> tuple[to
     if cache.dim() == 5:  # rows of Hkv*D: block b holds K rows b*2*bs + o and V rows b*2*bs + bs + o
         bs = cache.shape[2]
         k = blk * (2 * bs) + off
-        return cache.view(-1, cache.shape[3] * cache.shape[4]), torch.stack([k, k + bs], 1).reshape(-1)
+        # A rank's slice of the KV heads (TP links) is a view whose first three dims still merge: its
+        # rows stay rows, [h, D] each, strided.
+        table = cache.view(-1, cache.shape[3] * cache.shape[4]) if cache.is_contiguous() else cache.flatten(0, 2)
+        return table, torch.stack([k, k + bs], 1).reshape(-1)
     return cache.view(-1, cache.shape[2]), blk * cache.shape[1] + off
 
 
@@ -115,22 +118,16 @@ def gather_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """A contiguous `[count, *token_shape]` copy of those tokens' KV (the cache may be reused after),
     written into `out` (any contiguous tensor of that many elements and the cache's dtype) when given."""
-    if not cache.is_contiguous():  # a rank's slice of the KV heads (TP links): index the view itself
-        picked = cache[blk, :, off]  # [count, 2, heads, D]: the advanced dims come first
-        return picked if out is None else out.view(picked.shape).copy_(picked)
     table, rows = _rows(cache, blk, off)
     if out is None:
         return table.index_select(0, rows).view(blk.numel(), *token_shape(cache))
-    torch.index_select(table, 0, rows, out=out.view(rows.numel(), table.shape[1]))
+    torch.index_select(table, 0, rows, out=out.view(rows.numel(), *table.shape[1:]))
     return out.view(blk.numel(), *token_shape(cache))
 
 
 def scatter_tokens(cache: torch.Tensor, blk: torch.Tensor, off: torch.Tensor, values: torch.Tensor) -> None:
-    if not cache.is_contiguous():  # a slice of the KV heads: write through the view
-        cache[blk, :, off] = values.reshape(blk.numel(), *token_shape(cache))
-        return
     table, rows = _rows(cache, blk, off)
-    table.index_copy_(0, rows, values.reshape(rows.numel(), table.shape[1]))
+    table.index_copy_(0, rows, values.reshape(rows.numel(), *table.shape[1:]))  # a view: lands in the cache
 
 
 def split_at_blocks(start: int, count: int, block_size: int) -> list[tuple[int, int, bool]]:

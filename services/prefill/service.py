@@ -50,6 +50,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine.scheduler.send_guard = self.streamer  # blocks stay until their KV is sent
         # TP: every rank sends its own KV heads (engine/parallel/kv_setup.py); the step messages carry the plan.
         self.tp = cfg.engine.tensor_parallel_size
+        self.splits_kv_heads = head_layout(self.engine.model_config, self.tp) is not None
         start_prefill_ranks(self.engine.runner, {"backend": cfg.kv_transfer_backend, "timeout_s": cfg.kv_timeout})
         if self.tp > 1:
             self.engine.runner.rank_plan = self.streamer.take_rank_plan
@@ -70,7 +71,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             # Not retriable: a deployment whose roles disagree is misconfigured; say so at once, on every request.
             return _error(pb.ERROR_CODE_PREFILL_FAILED, "the decode worker drafts with MTP but this prefill worker "
                           "was started without it: give prefill workers the same --speculative-algorithm mtp", False)
-        if not request.kv_rank_links and head_layout(self.engine.model_config, self.tp) is not None:
+        if not request.kv_rank_links and self.splits_kv_heads:
             # The single link would carry rank 0's heads only: the decode worker planned for another size.
             return _error(pb.ERROR_CODE_KV_TRANSFER_FAILED, f"this prefill worker's {self.tp} ranks split the KV "
                           "heads: the decode worker must send kv_rank_links (it asks this worker's size again)", True)

@@ -67,6 +67,11 @@ def _join(size: int, rank: int, init_addr: str, join_timeout_s: float, local_fai
     return store
 
 
+def group_error_line(exc: BaseException) -> str:
+    """The first sentence of a failed collective's error (gloo appends lines of advice)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]
+
+
 def shutdown_tensor_parallel() -> None:
     import torch.distributed as dist
 

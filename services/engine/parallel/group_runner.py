@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from glmserve.engine.parallel.distributed import group_error_line
 from glmserve.engine.parallel.parallel_state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class LeaderRunner:
                 return self.runner.execute(chunks, on_layer_done, keep_hidden)
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or timed out
             if self.on_broken is not None:
-                first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # gloo adds advice
+                first = group_error_line(exc)
                 self.on_broken(f"the tensor-parallel group broke during a step ({first})")
             raise
 

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from glmserve.engine.kv_link import KVLinkError, KVTransferError, LinkAddress, LinkEvent, LinkObserver, notify, \
     resolve_future
 from glmserve.engine.kv_receiver import KVLinkServer, TransferHandle
+from glmserve.engine.parallel.distributed import group_error_line
+from glmserve.engine.parallel.kv_plan import head_view
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class RankKVEndpoint:
         try:
             for src, head, n in e.sources:
                 rx = self.server.receiver(f"{e.peer}#p{src}>d{self.rank}")
-                caches = self.kv_caches if n == 0 else [c[:, :, :, head : head + n] for c in self.kv_caches]
+                caches = [head_view(c, head, n) for c in self.kv_caches]
                 handles.append(rx.expect(e.transfer_id, caches, e.block_ids, e.num_tokens, e.num_layers,
                                          e.first_token))
                 addresses.append(LinkAddress(self.advertise_host, rx.address.port, rx.address.name))
@@ -241,7 +243,7 @@ class KVRankGroup:
                 self._round(ops)
                 last = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - the group broke (a rank died)
-            first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]  # gloo adds advice
+            first = group_error_line(exc)
             with self._cv:
                 busy = bool(self._transfers or self._remote_pending)
             self._broken(f"the tensor-parallel group broke during a KV control round ({first})" if busy else

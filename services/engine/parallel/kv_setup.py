@@ -10,21 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 
-import torch
 import torch.distributed as dist
 
-from glmserve.engine.kv_link import LinkObserver, local_address_towards
+from glmserve.engine.kv_link import LinkObserver, kv_link_device, local_address_towards
 from glmserve.engine.kv_receiver import KVLinkServer
 from glmserve.engine.kv_sender import KVLinkClient
 from glmserve.engine.parallel.kv_rank_sends import RankSends
 from glmserve.engine.parallel.kv_ranks import EventBuffer, KVRankGroup, RankKVEndpoint, follower_control
 
 log = logging.getLogger(__name__)
-
-
-def _link_device(backend: str, device: torch.device) -> torch.device:
-    """As worker/kv_device.py: the cache's device unless the link is told to stay on gloo."""
-    return torch.device("cpu") if backend == "gloo" or device.type != "cuda" else device
 
 
 def start_decode_ranks(runner, local: RankKVEndpoint, setup: dict, observer: LinkObserver | None) -> KVRankGroup:
@@ -57,7 +51,7 @@ class FollowerKV:
         self.endpoint: RankKVEndpoint | None = None
 
     def setup(self, setup: dict) -> None:
-        device = _link_device(setup["backend"], self.runner.kv_caches[0].device)
+        device = kv_link_device(setup["backend"], self.runner.kv_caches[0].device)
         if setup["role"] == "prefill":
             self.sends = RankSends(KVLinkClient(device, timeout_s=setup["timeout_s"]), self.runner.kv_caches,
                                    self.st.rank)

@@ -26,7 +26,7 @@ from glmserve.engine.config import EngineConfig
 from glmserve.engine.dtypes import resolve_device
 from glmserve.engine.engine import LLMEngine
 from glmserve.engine.parallel.group_runner import FollowerNode, follower_loop
-from glmserve.engine.parallel.distributed import init_tensor_parallel, shutdown_tensor_parallel
+from glmserve.engine.parallel.distributed import group_error_line, init_tensor_parallel, shutdown_tensor_parallel
 from glmserve.engine.parallel.parallel_state import ParallelConfig, ParallelState, set_current, SINGLE
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class RankGroup:
                 try:
                     self._runner.keep_alive(self.keepalive_s)
                 except RuntimeError as exc:
-                    first = (str(exc).splitlines() or [type(exc).__name__])[0].split(". ")[0]
+                    first = group_error_line(exc)
                     reason = self._dead_rank() or f"the tensor-parallel group broke while idle ({first})"
             if reason is not None:
                 self._fail(reason)
