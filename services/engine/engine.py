@@ -143,9 +143,7 @@ class LLMEngine:
         self.structured.replay(request_id, [first_token.token_id])
         req.check_stop()
         if req.is_finished:
-            self.scheduler.finish(req)
-            self._forget(request_id)
-            self.structured.remove(request_id)
+            self.retire(req)
         elif self.speculator is not None and mtp_hidden is not None:
             self.speculator.draft_after_remote_prefill(req, mtp_hidden)
         return req
@@ -200,9 +198,7 @@ class LLMEngine:
             req.check_stop()
             new_logprobs = [token] if req.params.logprobs is not None else []
             if req.status is RequestStatus.FINISHED:
-                self.scheduler.finish(req)
-                self._forget(req.request_id)
-                self.structured.remove(req.request_id)
+                self.retire(req)
                 append(self._finished_output(req, [token.token_id], new_logprobs))
             else:
                 cached = req.num_cached_tokens
@@ -227,15 +223,19 @@ class LLMEngine:
             if len(toks) >= req.stop_check_len or token_id in req.stop_check_ids:
                 req.check_stop()
                 if req.status is RequestStatus.FINISHED:
-                    self.scheduler.finish(req)
-                    self._forget(req.request_id)
-                    self.structured.remove(req.request_id)
+                    self.retire(req)
                     append(self._finished_output(req, [token_id]))
                     continue
             cached = req.num_cached_tokens
             append(EngineOutput(req.request_id, [token_id], [], False, None, None, req.num_prompt_tokens,
                                 cached if cached > 0 else 0))
         return outputs
+
+    def retire(self, req: Request) -> None:
+        """A request that just finished (stop, length) leaves the scheduler, `requests` and its grammar."""
+        self.scheduler.finish(req)
+        self._forget(req.request_id)
+        self.structured.remove(req.request_id)
 
     def _forget(self, request_id: str) -> Request | None:
         """Drop a request from `requests` (it finished or was aborted); returns it, or None if unknown."""

@@ -210,7 +210,7 @@ class Scheduler:
             if not self._fits_ever(req):
                 self.waiting.popleft()
                 req.finish(FinishReason.LENGTH)
-                req.decode_chunk = None  # it points back at req: no cycle left behind
+                self._release(req)  # holds no blocks yet: drops its decode chunk (no cycle left behind)
                 out.rejected.append(req)
                 continue
             hits = self._reuse_prefix(req)

@@ -257,9 +257,7 @@ class MTPSpeculator:
             ids = [t.token_id for t in toks]
             lps = toks if req.params.logprobs is not None else []
             if req.is_finished:
-                eng.scheduler.finish(req)
-                eng.requests.pop(req.request_id, None)
-                eng.structured.remove(req.request_id)
+                eng.retire(req)  # also keeps the engine's count of non-plain requests right
                 outputs.append(eng._finished_output(req, ids, lps))
                 continue
             # Valid KV: the real tokens up to the last one, plus the accepted drafts; the newest token is not computed.
